@@ -1,0 +1,19 @@
+# Two entry points (see README): `make run` sets everything up and runs the main job,
+# `make test` runs the checks and the test suite. Both install on first use.
+VENV ?= .venv
+STAMP := $(VENV)/.curvx-installed
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu)
+
+.PHONY: setup run test
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES) scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/curvx train $(ARGS)
+
+test: $(STAMP)
+	bash scripts/test.sh

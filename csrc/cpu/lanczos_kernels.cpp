@@ -1,0 +1,232 @@
+// CPU kernels of the curvx ops (schemas in csrc/ops.cpp).
+//
+// Shapes: n rows (parameters), block size b, m or r earlier basis columns, p Lanczos blocks.
+// The n-row matrices are float32, float64 or bfloat16; every product is accumulated in float64
+// and only the n-row results are rounded back to the input dtype. Rows are processed in
+// parallel with at::parallel_for (OpenMP); reductions over rows keep one float64 partial per
+// fixed chunk of rows and sum the partials in chunk order, so results do not depend on the
+// number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+
+namespace curvx {
+namespace {
+
+// Reductions split the rows into at most kMaxChunks chunks of at least kMinChunkRows rows.
+constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kMinChunkRows = 512;
+// Row-wise updates hand at::parallel_for this many rows per task at least.
+constexpr int64_t kUpdateGrain = 256;
+
+template <typename T>
+inline double to_acc(T x) {
+  return static_cast<double>(x);
+}
+inline double to_acc(c10::BFloat16 x) { return static_cast<double>(static_cast<float>(x)); }
+
+template <typename T>
+inline T from_acc(double x) {
+  return static_cast<T>(x);
+}
+template <>
+inline c10::BFloat16 from_acc<c10::BFloat16>(double x) {
+  return c10::BFloat16(static_cast<float>(x));
+}
+
+// C [m, b] = X^T Y for X [n, m], Y [n, b] (row-major), accumulated in float64.
+template <typename xt, typename yt>
+void gram_t(const xt* X, const yt* Y, int64_t n, int64_t m, int64_t b, double* C) {
+  std::fill(C, C + m * b, 0.0);
+  if (n == 0 || m == 0 || b == 0) return;
+  const int64_t rows = std::max(kMinChunkRows, ceil_div(n, kMaxChunks));
+  const int64_t chunks = ceil_div(n, rows);
+  std::vector<double> partial(chunks * m * b, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<double> y_row(b);
+    for (int64_t c = c0; c < c1; ++c) {
+      double* acc = partial.data() + c * m * b;
+      const int64_t i1 = std::min(n, (c + 1) * rows);
+      for (int64_t i = c * rows; i < i1; ++i) {
+        // Widen row i of Y once, then add the outer product X[i, :]^T Y[i, :] to the partial.
+        for (int64_t j = 0; j < b; ++j) y_row[j] = to_acc(Y[i * b + j]);
+        const xt* x_row = X + i * m;
+        for (int64_t k = 0; k < m; ++k) {
+          const double x = to_acc(x_row[k]);
+          double* acc_k = acc + k * b;
+          for (int64_t j = 0; j < b; ++j) acc_k[j] += x * y_row[j];
+        }
+      }
+    }
+  });
+  // Sum the chunk partials in a fixed order.
+  for (int64_t c = 0; c < chunks; ++c) {
+    const double* part = partial.data() + c * m * b;
+    for (int64_t e = 0; e < m * b; ++e) C[e] += part[e];
+  }
+}
+
+// out [n, b] = Y - X1 C1 - X2 C2 for X1 [n, m1], C1 [m1, b], X2 [n, m2], C2 [m2, b], computed
+// in float64 and rounded to `ot`. `out` may alias `Y`: row i of Y is read before it is written.
+template <typename xt, typename yt, typename ot>
+void subtract_products(const yt* Y, const xt* X1, const double* C1, int64_t m1, const xt* X2,
+                       const double* C2, int64_t m2, int64_t n, int64_t b, ot* out) {
+  if (n == 0 || b == 0) return;
+  at::parallel_for(0, n, kUpdateGrain, [&](int64_t i0, int64_t i1) {
+    std::vector<double> acc(b);
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = 0; j < b; ++j) acc[j] = to_acc(Y[i * b + j]);
+      // acc -= X1[i, :] C1, one row of C1 at a time (contiguous inner loop).
+      for (int64_t k = 0; k < m1; ++k) {
+        const double x = to_acc(X1[i * m1 + k]);
+        for (int64_t j = 0; j < b; ++j) acc[j] -= x * C1[k * b + j];
+      }
+      // acc -= X2[i, :] C2.
+      for (int64_t k = 0; k < m2; ++k) {
+        const double x = to_acc(X2[i * m2 + k]);
+        for (int64_t j = 0; j < b; ++j) acc[j] -= x * C2[k * b + j];
+      }
+      for (int64_t j = 0; j < b; ++j) out[i * b + j] = from_acc<ot>(acc[j]);
+    }
+  });
+}
+
+// Classical Gram-Schmidt against range(Q), repeated `passes` times (CGS2 for passes = 2).
+std::tuple<at::Tensor, at::Tensor> orthogonalize_cpu(const at::Tensor& Q_in, const at::Tensor& V_in,
+                                                     int64_t passes) {
+  check_orthogonalize_args(Q_in, V_in, passes);
+  const at::Tensor Q = Q_in.contiguous();  // [n, m]
+  const at::Tensor V = V_in.contiguous();  // [n, b]
+  const int64_t n = V.size(0), b = V.size(1), m = Q.size(1);
+  const auto f64 = V.options().dtype(at::kDouble);
+  at::Tensor W = at::empty({n, b}, V.options());  // result, V's dtype
+  at::Tensor C = at::zeros({m, b}, f64);          // sum of the passes' coefficients
+  // Between passes W is kept in float64; for float64 input that buffer is the result itself.
+  const bool wide_scratch = passes > 1 && V.scalar_type() != at::kDouble;
+  at::Tensor W64 = wide_scratch ? at::empty({n, b}, f64) : W;
+  std::vector<double> c(m * b);  // one pass's coefficients [m, b]
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, V.scalar_type(), "curvx_orthogonalize_cpu", [&] {
+    const scalar_t* q = Q.const_data_ptr<scalar_t>();
+    double* c_total = C.mutable_data_ptr<double>();
+    // One pass: c = Q^T W_in; C += c; W_out = W_in - Q c.
+    auto pass = [&](const auto* w_in, auto* w_out) {
+      gram_t(q, w_in, n, m, b, c.data());
+      for (int64_t e = 0; e < m * b; ++e) c_total[e] += c[e];
+      subtract_products(w_in, q, c.data(), m, q, c.data(), 0, n, b, w_out);
+    };
+    const scalar_t* v = V.const_data_ptr<scalar_t>();
+    scalar_t* w = W.mutable_data_ptr<scalar_t>();
+    double* w64 = W64.scalar_type() == at::kDouble ? W64.mutable_data_ptr<double>() : nullptr;
+    for (int64_t k = 0; k < passes; ++k) {
+      const bool first = k == 0, last = k == passes - 1;
+      if (first && last) {
+        pass(v, w);
+      } else if (first) {
+        pass(v, w64);
+      } else if (last) {
+        pass(static_cast<const double*>(w64), w);
+      } else {
+        pass(static_cast<const double*>(w64), w64);
+      }
+    }
+  });
+  return std::make_tuple(W, C);
+}
+
+// One block three-term recurrence update: A = sym(Q_cur^T W),
+// W_new = W - Q_cur A - Q_prev B_prev^T.
+std::tuple<at::Tensor, at::Tensor> lanczos_step_cpu(const at::Tensor& W_in,
+                                                    const at::Tensor& Q_cur_in,
+                                                    const at::Tensor& Q_prev_in,
+                                                    const at::Tensor& B_prev) {
+  check_lanczos_step_args(W_in, Q_cur_in, Q_prev_in, B_prev);
+  const at::Tensor W = W_in.contiguous();            // [n, b]
+  const at::Tensor Q_cur = Q_cur_in.contiguous();    // [n, b]
+  const at::Tensor Q_prev = Q_prev_in.contiguous();  // [n, r]
+  const at::Tensor B_t = B_prev.t().contiguous();    // [r, b] = B_prev^T
+  const int64_t n = W.size(0), b = W.size(1), r = Q_prev.size(1);
+  at::Tensor A = at::empty({b, b}, W.options().dtype(at::kDouble));
+  at::Tensor W_new = at::empty({n, b}, W.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, W.scalar_type(), "curvx_lanczos_step_cpu", [&] {
+    const scalar_t* w = W.const_data_ptr<scalar_t>();
+    const scalar_t* q_cur = Q_cur.const_data_ptr<scalar_t>();
+    // M = Q_cur^T W [b, b], then A = (M + M^T) / 2.
+    std::vector<double> M(b * b);
+    gram_t(q_cur, w, n, b, b, M.data());
+    double* a = A.mutable_data_ptr<double>();
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t j = 0; j < b; ++j) a[i * b + j] = 0.5 * (M[i * b + j] + M[j * b + i]);
+    }
+    // W_new = W - Q_cur A - Q_prev B_prev^T.
+    subtract_products(w, q_cur, a, b, Q_prev.const_data_ptr<scalar_t>(),
+                      B_t.const_data_ptr<double>(), r, n, b, W_new.mutable_data_ptr<scalar_t>());
+  });
+  return std::make_tuple(W_new, A);
+}
+
+// Block tridiagonal Rayleigh-Ritz matrix with a thick-restart head, all float64:
+//   T = [[head,        coupling^T,                    ]
+//        [coupling,    alphas[0],   betas[0]^T,       ]
+//        [             betas[0],    alphas[1],   ...  ]
+//        [                          ...,         ...  ]]
+at::Tensor assemble_tridiag_cpu(const at::Tensor& head_in, const at::Tensor& coupling_in,
+                                const at::Tensor& alphas_in, const at::Tensor& betas_in) {
+  check_assemble_tridiag_args(head_in, coupling_in, alphas_in, betas_in);
+  const at::Tensor head = head_in.contiguous();          // [r, r]
+  const at::Tensor coupling = coupling_in.contiguous();  // [b, r]
+  const at::Tensor alphas = alphas_in.contiguous();      // [p, b, b]
+  const at::Tensor betas = betas_in.contiguous();        // [max(p - 1, 0), b, b]
+  const int64_t r = head.size(0), p = alphas.size(0), b = alphas.size(1);
+  const int64_t N = r + p * b;
+  at::Tensor T = at::zeros({N, N}, head.options());
+  double* t = T.mutable_data_ptr<double>();
+  const double* h = head.const_data_ptr<double>();
+  const double* cp = coupling.const_data_ptr<double>();
+  const double* al = alphas.const_data_ptr<double>();
+  const double* be = betas.const_data_ptr<double>();
+  // Leading r x r block: the restart head.
+  for (int64_t i = 0; i < r; ++i) std::copy(h + i * r, h + (i + 1) * r, t + i * N);
+  if (p == 0) return T;
+  // First Lanczos block row couples to the head; its transpose fills the column.
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t j = 0; j < r; ++j) {
+      t[(r + i) * N + j] = cp[i * r + j];
+      t[j * N + r + i] = cp[i * r + j];
+    }
+  }
+  for (int64_t k = 0; k < p; ++k) {
+    const int64_t s = r + k * b;  // first row/column of block k
+    for (int64_t i = 0; i < b; ++i) {
+      // Diagonal block alphas[k].
+      std::copy(al + (k * b + i) * b, al + (k * b + i + 1) * b, t + (s + i) * N + s);
+      if (k + 1 == p) continue;
+      // Subdiagonal block T[k+1, k] = betas[k] and superdiagonal T[k, k+1] = betas[k]^T.
+      for (int64_t j = 0; j < b; ++j) {
+        const double v = be[(k * b + i) * b + j];
+        t[(s + b + i) * N + s + j] = v;
+        t[(s + j) * N + s + b + i] = v;
+      }
+    }
+  }
+  return T;
+}
+
+}  // namespace
+}  // namespace curvx
+
+TORCH_LIBRARY_IMPL(curvx, CPU, m) {
+  m.impl("orthogonalize", &curvx::orthogonalize_cpu);
+  m.impl("lanczos_step", &curvx::lanczos_step_cpu);
+  m.impl("assemble_tridiag", &curvx::assemble_tridiag_cpu);
+}

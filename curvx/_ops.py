@@ -1,0 +1,465 @@
+"""The block Lanczos kernels: compiled ops with pure-PyTorch references.
+
+This is the only module that calls ``torch.ops.curvx``. At import it loads the
+compiled module ``curvx._C`` (which registers the ops); the public functions
+:func:`orthogonalize`, :func:`lanczos_step` and :func:`assemble_tridiag` then run the
+compiled kernel for tensors on a device the build has kernels for, and the matching
+reference (:func:`orthogonalize_ref`, ...) otherwise. Both paths take and return the
+same shapes and dtypes and raise the same errors.
+
+When the extension is missing, fails to load or was built against another torch, the
+first call that falls back emits one :class:`curvx.CurvxWarning` saying why; so does
+the first CUDA call when the build has no CUDA kernels. Setting
+``CURVX_DISABLE_EXTENSION=1`` selects the references on purpose and silently.
+:func:`extension_status` (and ``python -m curvx.info``) report which path is in use.
+
+Shapes: ``n`` rows (parameters), block size ``b``, ``m`` or ``r`` earlier basis
+columns, ``p`` Lanczos blocks. The n-row matrices (``Q``, ``V``, ``W``) are float32,
+float64 or bfloat16 and share one dtype; the small matrices (``A``, ``B``, ``C``,
+``T``) are float64. All products accumulate in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvx._warnings import CurvxWarning
+
+__all__ = [
+    "assemble_tridiag",
+    "assemble_tridiag_ref",
+    "extension_status",
+    "lanczos_step",
+    "lanczos_step_ref",
+    "orthogonalize",
+    "orthogonalize_ref",
+]
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV = "CURVX_DISABLE_EXTENSION"
+REBUILD_HINT = (
+    "rebuild it against the running torch with "
+    "`pip install --no-build-isolation -e .` in the curvx source folder"
+)
+_BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
+_N_ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks, shared by the references and the fake kernels. They mirror
+# csrc/checks.h: same order, same wording, same error classes.
+# --------------------------------------------------------------------------------------
+
+
+def _sizes(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def _check_dim(op: str, name: str, t: Tensor, dim: int) -> None:
+    if t.dim() != dim:
+        raise ValueError(
+            f"curvx.{op}: {name} must be a {dim}-D tensor, got a {t.dim()}-D tensor "
+            f"of sizes {_sizes(t)}"
+        )
+
+
+def _check_size(op: str, name: str, t: Tensor, d: int, expected: int, what: str):
+    if t.shape[d] != expected:
+        raise ValueError(
+            f"curvx.{op}: {name}.size({d}) must equal {what} = {expected}, got {name} "
+            f"of sizes {_sizes(t)}"
+        )
+
+
+def _check_n_row_dtype(op: str, name: str, t: Tensor) -> None:
+    if t.dtype not in _N_ROW_DTYPES:
+        raise TypeError(
+            f"curvx.{op}: {name} must be torch.float32, torch.float64 or "
+            f"torch.bfloat16, got {t.dtype}"
+        )
+
+
+def _check_same_dtype(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor):
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"curvx.{op}: {name} must have the same dtype as {ref_name} ({ref.dtype}), "
+            f"got {t.dtype}"
+        )
+
+
+def _check_float64(op: str, name: str, t: Tensor) -> None:
+    if t.dtype != torch.float64:
+        raise TypeError(f"curvx.{op}: {name} must be torch.float64, got {t.dtype}")
+
+
+def _check_same_device(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor):
+    if t.device != ref.device:
+        raise RuntimeError(
+            f"curvx.{op}: {name} must be on the same device as {ref_name} "
+            f"({ref.device}), got {t.device}"
+        )
+
+
+def _check_orthogonalize(Q: Tensor, V: Tensor, passes: int) -> None:
+    op = "orthogonalize"
+    _check_dim(op, "Q", Q, 2)
+    _check_dim(op, "V", V, 2)
+    _check_n_row_dtype(op, "V", V)
+    _check_same_dtype(op, "Q", Q, "V", V)
+    _check_same_device(op, "Q", Q, "V", V)
+    _check_size(op, "Q", Q, 0, V.shape[0], "V.size(0)")
+    if passes < 1:
+        raise ValueError(f"curvx.{op}: passes must be >= 1, got {passes}")
+
+
+def _check_lanczos_step(W: Tensor, Q_cur: Tensor, Q_prev: Tensor, B_prev: Tensor):
+    op = "lanczos_step"
+    _check_dim(op, "W", W, 2)
+    _check_dim(op, "Q_cur", Q_cur, 2)
+    _check_dim(op, "Q_prev", Q_prev, 2)
+    _check_dim(op, "B_prev", B_prev, 2)
+    _check_n_row_dtype(op, "W", W)
+    _check_same_dtype(op, "Q_cur", Q_cur, "W", W)
+    _check_same_dtype(op, "Q_prev", Q_prev, "W", W)
+    _check_float64(op, "B_prev", B_prev)
+    _check_same_device(op, "Q_cur", Q_cur, "W", W)
+    _check_same_device(op, "Q_prev", Q_prev, "W", W)
+    _check_same_device(op, "B_prev", B_prev, "W", W)
+    _check_size(op, "Q_cur", Q_cur, 0, W.shape[0], "W.size(0)")
+    _check_size(op, "Q_cur", Q_cur, 1, W.shape[1], "W.size(1)")
+    _check_size(op, "Q_prev", Q_prev, 0, W.shape[0], "W.size(0)")
+    _check_size(op, "B_prev", B_prev, 0, W.shape[1], "W.size(1)")
+    _check_size(op, "B_prev", B_prev, 1, Q_prev.shape[1], "Q_prev.size(1)")
+
+
+def _check_assemble_tridiag(
+    head: Tensor, coupling: Tensor, alphas: Tensor, betas: Tensor
+) -> None:
+    op = "assemble_tridiag"
+    _check_dim(op, "head", head, 2)
+    _check_dim(op, "coupling", coupling, 2)
+    _check_dim(op, "alphas", alphas, 3)
+    _check_dim(op, "betas", betas, 3)
+    for name, t in (("head", head), ("coupling", coupling)):
+        _check_float64(op, name, t)
+    for name, t in (("alphas", alphas), ("betas", betas)):
+        _check_float64(op, name, t)
+    for name, t in (("coupling", coupling), ("alphas", alphas), ("betas", betas)):
+        _check_same_device(op, name, t, "head", head)
+    p, b = alphas.shape[0], alphas.shape[1]
+    _check_size(op, "head", head, 1, head.shape[0], "head.size(0)")
+    _check_size(op, "alphas", alphas, 2, b, "alphas.size(1)")
+    _check_size(op, "coupling", coupling, 0, b, "alphas.size(1)")
+    _check_size(op, "coupling", coupling, 1, head.shape[0], "head.size(0)")
+    _check_size(op, "betas", betas, 0, max(p - 1, 0), "max(alphas.size(0) - 1, 0)")
+    _check_size(op, "betas", betas, 1, b, "alphas.size(1)")
+    _check_size(op, "betas", betas, 2, b, "alphas.size(1)")
+
+
+# --------------------------------------------------------------------------------------
+# Pure-PyTorch references
+# --------------------------------------------------------------------------------------
+
+
+def orthogonalize_ref(Q: Tensor, V: Tensor, passes: int = 2) -> tuple[Tensor, Tensor]:
+    """Classical Gram-Schmidt of ``V`` against ``range(Q)``, repeated ``passes`` times.
+
+    Each pass computes ``c = Q^T W`` and ``W = W - Q c`` in float64 (with ``W = V`` at
+    the start); two passes (CGS2) make ``W`` orthogonal to ``Q`` to working precision
+    even when ``V`` lies nearly in ``range(Q)``.
+
+    Args:
+        Q: ``[n, m]`` basis with orthonormal columns (``m`` may be 0).
+        V: ``[n, b]`` block to orthogonalize, same dtype and device as ``Q``.
+        passes: number of Gram-Schmidt passes, at least 1.
+
+    Returns:
+        ``(W, C)``: ``W`` ``[n, b]`` in ``V``'s dtype and ``C`` ``[m, b]`` float64,
+        the sum of the passes' coefficients, so that ``V = Q C + W``.
+    """
+    _check_orthogonalize(Q, V, passes)
+    Q64 = Q.to(torch.float64)
+    W = V.to(torch.float64)
+    C = torch.zeros(Q.shape[1], V.shape[1], dtype=torch.float64, device=V.device)
+    for _ in range(passes):
+        c = Q64.T @ W  # [m, b]
+        W = W - Q64 @ c
+        C = C + c
+    return W.to(V.dtype), C
+
+
+def lanczos_step_ref(
+    W: Tensor, Q_cur: Tensor, Q_prev: Tensor, B_prev: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One update of the block Lanczos three-term recurrence.
+
+    With ``W = H Q_cur``, computes ``A = (M + M^T) / 2`` for ``M = Q_cur^T W`` and
+    ``W_new = W - Q_cur A - Q_prev B_prev^T``, all in float64.
+
+    Args:
+        W: ``[n, b]`` product of the operator with the current block.
+        Q_cur: ``[n, b]`` current Lanczos block, same dtype as ``W``.
+        Q_prev: ``[n, r]`` previous block (``r`` may be 0), same dtype as ``W``.
+        B_prev: ``[b, r]`` float64 coupling of ``Q_cur`` to ``Q_prev``.
+
+    Returns:
+        ``(W_new, A)``: ``W_new`` ``[n, b]`` in ``W``'s dtype and ``A`` ``[b, b]``
+        float64, symmetric.
+    """
+    _check_lanczos_step(W, Q_cur, Q_prev, B_prev)
+    W64 = W.to(torch.float64)
+    Q_cur64 = Q_cur.to(torch.float64)
+    Q_prev64 = Q_prev.to(torch.float64)
+    M = Q_cur64.T @ W64  # [b, b]
+    A = (M + M.T) / 2
+    W_new = W64 - Q_cur64 @ A - Q_prev64 @ B_prev.T
+    return W_new.to(W.dtype), A
+
+
+def assemble_tridiag_ref(
+    head: Tensor, coupling: Tensor, alphas: Tensor, betas: Tensor
+) -> Tensor:
+    """Block tridiagonal Rayleigh-Ritz matrix with a thick-restart head (float64).
+
+    ``T = [[head, coupling^T, 0, ...], [coupling, alphas[0], betas[0]^T, ...],
+    [0, betas[0], alphas[1], ...], ...]``.
+
+    Args:
+        head: ``[r, r]`` Rayleigh quotient of the kept Ritz vectors (``r`` may be 0).
+        coupling: ``[b, r]`` coupling of the first Lanczos block to the head.
+        alphas: ``[p, b, b]`` diagonal blocks (``p`` may be 0; then ``T = head``).
+        betas: ``[max(p - 1, 0), b, b]``; ``betas[j]`` is the block below ``alphas[j]``.
+
+    Returns:
+        ``T`` ``[r + p b, r + p b]`` float64.
+    """
+    _check_assemble_tridiag(head, coupling, alphas, betas)
+    r, p, b = head.shape[0], alphas.shape[0], alphas.shape[1]
+    N = r + p * b
+    T = torch.zeros(N, N, dtype=torch.float64, device=head.device)
+    T[:r, :r] = head
+    if p == 0:
+        return T
+    T[r : r + b, :r] = coupling
+    T[:r, r : r + b] = coupling.T
+    for j in range(p):
+        s = r + j * b  # first row/column of block j
+        T[s : s + b, s : s + b] = alphas[j]
+        if j + 1 < p:
+            T[s + b : s + 2 * b, s : s + b] = betas[j]
+            T[s : s + b, s + b : s + 2 * b] = betas[j].T
+    return T
+
+
+# --------------------------------------------------------------------------------------
+# Loading the extension
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Extension:
+    """What loading ``curvx._C`` found (see :func:`extension_status`)."""
+
+    compiled: bool
+    loaded: bool
+    cuda_kernels: bool
+    reason: str | None
+    build: dict[str, Any]
+    disabled: bool = False
+
+
+def _read_build_info(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.debug("could not read %s: %s", path, exc)
+        return {}
+
+
+def _load_extension(
+    module: str = "curvx._C", build_info_path: Path = _BUILD_INFO_PATH
+) -> _Extension:
+    """Imports ``module`` unless disabled, missing or built for another torch."""
+    build = _read_build_info(build_info_path)
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    compiled = spec is not None
+    if os.environ.get(DISABLE_ENV, "") == "1":
+        reason = f"disabled by {DISABLE_ENV}=1"
+        return _Extension(compiled, False, False, reason, build, disabled=True)
+    if not compiled:
+        reason = f"the compiled module {module} was not found (it was not built)"
+        return _Extension(False, False, False, reason, build)
+    built_for = build.get("torch")
+    if built_for is None:
+        logger.debug(
+            "no build info at %s; loading %s unchecked", build_info_path, module
+        )
+    elif built_for != torch.__version__:
+        reason = (
+            f"{module} was built for torch {built_for}, "
+            f"but torch {torch.__version__} runs"
+        )
+        return _Extension(True, False, False, reason, build)
+    try:
+        lib = importlib.import_module(module)
+    except Exception as exc:  # any failure to load the shared library means fallback
+        reason = f"importing {module} failed: {type(exc).__name__}: {exc}"
+        return _Extension(True, False, False, reason, build)
+    compiled_for = getattr(lib, "torch_version", None)
+    if compiled_for is not None and compiled_for != torch.__version__.split("+")[0]:
+        reason = (
+            f"{module} was compiled against torch {compiled_for}, "
+            f"but torch {torch.__version__} runs"
+        )
+        return _Extension(True, False, False, reason, build)
+    _register_fakes()
+    cuda_kernels = bool(getattr(lib, "cuda_kernels", build.get("cuda_kernels", False)))
+    logger.debug("loaded %s (CUDA kernels: %s)", module, cuda_kernels)
+    return _Extension(True, True, cuda_kernels, None, build)
+
+
+_fakes_registered = False
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels: output shapes and dtypes only, for tracing and compile."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+
+    @torch.library.register_fake("curvx::orthogonalize")
+    def _(Q, V, passes=2):
+        _check_orthogonalize(Q, V, passes)
+        W = V.new_empty(V.shape)
+        C = V.new_empty((Q.shape[1], V.shape[1]), dtype=torch.float64)
+        return W, C
+
+    @torch.library.register_fake("curvx::lanczos_step")
+    def _(W, Q_cur, Q_prev, B_prev):
+        _check_lanczos_step(W, Q_cur, Q_prev, B_prev)
+        A = W.new_empty((W.shape[1], W.shape[1]), dtype=torch.float64)
+        return W.new_empty(W.shape), A
+
+    @torch.library.register_fake("curvx::assemble_tridiag")
+    def _(head, coupling, alphas, betas):
+        _check_assemble_tridiag(head, coupling, alphas, betas)
+        N = head.shape[0] + alphas.shape[0] * alphas.shape[1]
+        return head.new_empty((N, N))
+
+    _fakes_registered = True
+
+
+_EXT = _load_extension()
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        # stacklevel 4: _warn_once < _use_kernels < public op < its caller.
+        warnings.warn(message, CurvxWarning, stacklevel=4)
+
+
+def _use_kernels(device: torch.device) -> bool:
+    """Whether the compiled kernels serve tensors on ``device``; warns once if not."""
+    ext = _EXT
+    if not ext.loaded:
+        if not ext.disabled:
+            _warn_once(
+                "load",
+                f"curvx is using its slower pure-PyTorch kernels: {ext.reason}; "
+                f"{REBUILD_HINT}",
+            )
+        return False
+    if device.type == "cuda" and not ext.cuda_kernels:
+        _warn_once(
+            "cuda",
+            "curvx's extension was built without CUDA kernels, so CUDA tensors use "
+            "the pure-PyTorch kernels; with a CUDA toolkit (CUDA_HOME) and "
+            f"CURVX_CUDA=1, {REBUILD_HINT}",
+        )
+        return False
+    return device.type in ("cpu", "cuda", "meta")
+
+
+def extension_status() -> dict[str, Any]:
+    """Facts about the compiled extension and whether it is in use.
+
+    Returns:
+        ``{"compiled", "loaded", "cuda_kernels", "reason", "build", "torch"}``:
+        ``compiled`` is whether ``curvx._C`` was found, ``loaded`` whether its kernels
+        are in use, ``reason`` why not (``None`` when loaded), ``build`` the contents of
+        ``curvx/_build_info.json`` and ``torch`` the running torch version.
+    """
+    ext = _EXT
+    return {
+        "compiled": ext.compiled,
+        "loaded": ext.loaded,
+        "cuda_kernels": ext.cuda_kernels,
+        "reason": ext.reason,
+        "build": dict(ext.build),
+        "torch": torch.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------
+
+
+def orthogonalize(Q: Tensor, V: Tensor, passes: int = 2) -> tuple[Tensor, Tensor]:
+    """Orthogonalizes ``V`` [n, b] against ``range(Q)``, ``Q`` [n, m].
+
+    Compiled kernel or :func:`orthogonalize_ref` (see there for the algorithm).
+
+    Returns:
+        ``(W, C)``: ``W`` ``[n, b]`` in ``V``'s dtype, ``C`` ``[m, b]`` float64, with
+        ``V = Q C + W``.
+    """
+    if _use_kernels(V.device):
+        return torch.ops.curvx.orthogonalize(Q, V, passes)
+    return orthogonalize_ref(Q, V, passes)
+
+
+def lanczos_step(
+    W: Tensor, Q_cur: Tensor, Q_prev: Tensor, B_prev: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Block three-term recurrence update: ``W - Q_cur A - Q_prev B_prev^T``.
+
+    Compiled kernel or :func:`lanczos_step_ref` (see there for shapes).
+
+    Returns:
+        ``(W_new, A)``: ``W_new`` ``[n, b]`` in ``W``'s dtype, ``A`` ``[b, b]`` float64.
+    """
+    if _use_kernels(W.device):
+        return torch.ops.curvx.lanczos_step(W, Q_cur, Q_prev, B_prev)
+    return lanczos_step_ref(W, Q_cur, Q_prev, B_prev)
+
+
+def assemble_tridiag(
+    head: Tensor, coupling: Tensor, alphas: Tensor, betas: Tensor
+) -> Tensor:
+    """Block tridiagonal ``T`` ``[r + p b, r + p b]`` float64 with a restart head.
+
+    Compiled kernel or :func:`assemble_tridiag_ref` (see there for shapes).
+    """
+    if _use_kernels(head.device):
+        return torch.ops.curvx.assemble_tridiag(head, coupling, alphas, betas)
+    return assemble_tridiag_ref(head, coupling, alphas, betas)

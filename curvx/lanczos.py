@@ -1,0 +1,707 @@
+"""Block Lanczos for a few eigenpairs of a symmetric operator, certified by residuals.
+
+The solver sees a symmetric operator only as a callable on blocks ``[n, b] ->
+[n, b]``; it knows nothing about models. The algorithm is block Lanczos
+(Golub & Underwood 1977) with full reorthogonalization in float64 (two passes of
+classical Gram-Schmidt, "twice is enough"), and thick restart (Wu & Simon 2000,
+block form as in Zhou & Saad 2008): when the basis is full, the best Ritz vectors
+are kept and the recurrence goes on from the last residual block.
+
+Notation (as in the papers): ``Q`` the orthonormal basis ``[n, m]``, ``T`` the
+projected block tridiagonal matrix with diagonal blocks ``A_j`` (``alphas``) and
+subdiagonal blocks ``B_j`` (``betas``), ``theta`` the Ritz values, ``Y`` the
+eigenvectors of ``T``, ``U = Q Y`` the Ritz vectors, ``b`` the block size, ``m`` the
+basis size (ARPACK's ncv), ``k`` the wanted pairs.
+
+Certificates: the solver keeps ``H Q`` next to ``Q`` (the products it has already
+paid for), so each Ritz pair's residual ``||H u - theta u||`` is computed
+explicitly, not estimated from the recurrence. A pair is converged when that
+residual is at most ``tol * ||H||_est`` (``||H||_est`` is the largest ``|theta|``
+seen), and then ``|theta - lambda| <= ||H u - theta u||`` holds for an eigenvalue
+``lambda`` of the operator as it was applied. The converged mask never says more
+than that.
+
+Note:
+    Residuals certify that each returned pair is an eigenpair; that it is the
+    *largest* (or smallest) rests on the Krylov space having found the end of the
+    spectrum, which a random block start makes overwhelmingly likely but cannot
+    prove. ``min_iterations`` keeps a warm start from stopping on the start block
+    alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvx import _ops
+
+__all__ = ["EigResult", "LanczosState", "lanczos", "solve"]
+
+logger = logging.getLogger(__name__)
+
+_WHICH = ("LA", "SA", "BE")
+_F64 = torch.float64
+
+
+@dataclass
+class EigResult:
+    """Eigenpairs from one solve, with their certificates.
+
+    Attributes:
+        eigenvalues: ``[k]`` float64. LA: descending; SA: ascending; BE: the
+            largest ``ceil(k/2)`` then the smallest ``floor(k/2)``, all descending.
+        eigenvectors: ``[n, k]`` float64, orthonormal columns.
+        residuals: ``[k]`` ``||H u - theta u||`` (absolute).
+        bounds: ``[k]`` a bound on ``|theta - lambda|`` (here the residual norm).
+        certificate: per pair, the bound that certified it (``"residual"``) or
+            ``"none"`` when it is not converged.
+        converged: ``[k]`` bool, ``residual <= tol * norm_estimate``.
+        iterations: block Lanczos steps (each applies the operator to one block).
+        restarts: thick restarts.
+        hvps: operator applications, counted in vectors.
+        status: ``"converged"``, ``"max_hvps"``, ``"stagnated"``, ``"stopped"``
+            (by the callback) or ``"dense"`` (small operator solved exactly).
+        which, tol: as requested.
+        norm_estimate: the largest ``|theta|`` seen, the scale of ``tol``.
+        ritz_values, ritz_vectors, ritz_residuals: the wanted pairs plus up to a
+            block of neighbours at each wanted end (``[r]``, ``[n, r]``, ``[r]``),
+            in the order top (descending) then bottom (ascending). Trackers use
+            them to see clusters that straddle the k-th value and to warm start.
+        top_count: how many of the ``ritz_*`` entries belong to the top end.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    bounds: Tensor
+    certificate: list[str]
+    converged: Tensor
+    iterations: int
+    restarts: int
+    hvps: int
+    status: str
+    which: str
+    tol: float
+    norm_estimate: float
+    ritz_values: Tensor = field(repr=False, default=None)
+    ritz_vectors: Tensor = field(repr=False, default=None)
+    ritz_residuals: Tensor = field(repr=False, default=None)
+    top_count: int = 0
+
+    @property
+    def n_converged(self) -> int:
+        return int(self.converged.sum())
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no eigenvectors)."""
+        return {
+            "eigenvalues": self.eigenvalues.tolist(),
+            "residuals": self.residuals.tolist(),
+            "bounds": self.bounds.tolist(),
+            "certificate": list(self.certificate),
+            "converged": self.converged.tolist(),
+            "iterations": self.iterations,
+            "restarts": self.restarts,
+            "hvps": self.hvps,
+            "status": self.status,
+            "which": self.which,
+            "tol": self.tol,
+            "norm_estimate": self.norm_estimate,
+        }
+
+
+@dataclass
+class LanczosState:
+    """Read-only view handed to the callback after each block step."""
+
+    iteration: int
+    hvps: int
+    restarts: int
+    basis_size: int
+    ritz_values: Tensor
+    residuals: Tensor
+    converged: Tensor
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Relative residual tolerance that the operator's arithmetic can reach."""
+    if dtype == torch.float64:
+        return 1e-8
+    if dtype == torch.float32:
+        return 1e-4
+    return 1e-2
+
+
+def _random_block(
+    n: int, b: int, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """``[n, b]`` standard normal float64, drawn on the CPU for reproducibility."""
+    return torch.randn(n, b, generator=generator, dtype=_F64).to(device)
+
+
+def _next_block(
+    W: Tensor,
+    basis: Tensor,
+    rank_tol: float,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Factor ``W = Q_next B`` with ``Q_next`` orthonormal and orthogonal to basis.
+
+    ``W [n, b]`` is already orthogonal to ``basis [n, c]``. Directions of ``W``
+    below ``rank_tol`` (an invariant subspace was found, or the block is rank
+    deficient) are replaced by random ones orthogonal to everything, with zero
+    coupling, so the block size stays ``b``.
+
+    Returns:
+        ``Q_next [n, b]`` and ``B [b, b]`` (not triangular: an SVD is used).
+    """
+    n, b = W.shape
+
+    # SVD through the b x b Gram matrix (a tall-skinny SVD or QR costs ~10x more):
+    # W^T W = V S^2 V^T, U = W V S^-1. Directions below sqrt(eps) * max(S) are
+    # not resolved by the Gram matrix and count as lost (the certificates are
+    # explicit residuals, so dropping them costs convergence speed, not accuracy).
+    evals, V = torch.linalg.eigh(W.T @ W)
+    S = evals.clamp(min=0.0).sqrt().flip(0)
+    V = V.flip(1)
+    cut = max(rank_tol, 1e-7 * float(S[0]) if b else 0.0)
+    rank = int((S > cut).sum())
+    B = torch.zeros(b, b, dtype=_F64, device=W.device)
+    U = W @ (V[:, :rank] / S[:rank])
+    B[:rank] = S[:rank, None] * V[:, :rank].T
+
+    # Second pass (CholeskyQR2): restore orthonormality, fold the factor into B
+    if rank:
+        L = torch.linalg.cholesky(U.T @ U)
+        U = torch.linalg.solve_triangular(L, U.T, upper=False).T
+        B[:rank] = L.T @ B[:rank]
+    if rank == b:
+        return U, B
+
+    # Replace the lost directions: random, orthogonal to the basis and to U[:, :rank]
+    keep = U
+    R = _random_block(n, b - rank, generator, W.device)
+    full = torch.cat([basis, keep], dim=1)
+    R, _ = _ops.orthogonalize(full, R, 2)
+    R, _ = torch.linalg.qr(R)
+    R, _ = _ops.orthogonalize(full, R, 1)
+    R, _ = torch.linalg.qr(R)
+    return torch.cat([keep, R], dim=1), B
+
+
+def _start_block(
+    v0: Tensor | None, n: int, b: int, generator, device: torch.device
+) -> Tensor:
+    """Orthonormal ``[n, b]`` start: the columns of ``v0`` then random ones."""
+    parts = []
+    if v0 is not None:
+        parts.append(v0.to(device=device, dtype=_F64))
+    have = sum(p.shape[1] for p in parts)
+    if have < b:
+        parts.append(_random_block(n, b - have, generator, device))
+    X = torch.cat(parts, dim=1)[:, :b]
+    empty = torch.zeros(n, 0, dtype=_F64, device=device)
+    scale = float(X.norm()) or 1.0
+    Q, _ = _next_block(X, empty, 1e-10 * scale, generator)
+    return Q
+
+
+def _select(theta: Tensor, k_top: int, k_bottom: int) -> tuple[Tensor, Tensor]:
+    """Indices of the ``k_top`` largest (descending) and ``k_bottom`` smallest."""
+    order = torch.argsort(theta)
+    top = order.flip(0)[:k_top]
+    bottom = order[:k_bottom]
+    return top, bottom
+
+
+def _select_neighbours(
+    theta: Tensor,
+    k_top: int,
+    k_bottom: int,
+    b: int,
+    extend_rtol: float | None,
+    extend_max: int,
+) -> tuple[Tensor, Tensor]:
+    """The wanted indices plus a block of neighbours at each wanted end.
+
+    With ``extend_rtol``, each end grows further while the next Ritz value is
+    within ``extend_rtol * max|theta|`` of the last one taken (up to
+    ``extend_max`` extra), so that a cluster is never cut at the end of the set.
+    """
+    r = theta.numel()
+    order = torch.argsort(theta)
+    scale = float(theta.abs().max()) if r else 0.0
+
+    def grow(seq: Tensor, count: int) -> Tensor:
+        count = min(count, r)
+        if extend_rtol is not None and count:
+            limit = min(r, count + extend_max)
+            while (
+                count < limit
+                and abs(float(theta[seq[count]] - theta[seq[count - 1]]))
+                <= extend_rtol * scale
+            ):
+                count += 1
+        return seq[:count]
+
+    top = grow(order.flip(0), k_top + b) if k_top else order[:0]
+    bottom = grow(order, k_bottom + b) if k_bottom else order[:0]
+    return top, bottom
+
+
+def _dense_solve(
+    matmat: Callable[[Tensor], Tensor],
+    n: int,
+    k_top: int,
+    k_bottom: int,
+    b: int,
+    device: torch.device,
+    extend_rtol: float | None,
+    extend_max: int,
+) -> tuple:
+    """Small operators: build ``H`` column by column and solve exactly."""
+    step = max(b, 64)
+    cols = []
+    for j in range(0, n, step):
+        E = torch.zeros(n, min(step, n - j), dtype=_F64, device=device)
+        E[j : j + E.shape[1]].copy_(torch.eye(E.shape[1], dtype=_F64, device=device))
+        cols.append(matmat(E).to(_F64))
+    H = torch.cat(cols, dim=1)
+    theta, Y = torch.linalg.eigh((H + H.T) / 2)
+    top, bottom = _select_neighbours(theta, k_top, k_bottom, b, extend_rtol, extend_max)
+    norm_est = float(theta.abs().max()) if n else 0.0
+    return H, theta, Y, top, bottom, norm_est
+
+
+def solve(
+    matmat: Callable[[Tensor], Tensor],
+    n: int,
+    k_top: int,
+    k_bottom: int = 0,
+    *,
+    block_size: int | None = None,
+    max_basis: int | None = None,
+    tol: float = 1e-8,
+    atol: float = 0.0,
+    max_hvps: int | None = None,
+    min_iterations: int = 3,
+    v0: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    callback: Callable[[LanczosState], bool | None] | None = None,
+    extend_rtol: float | None = None,
+    extend_max: int = 32,
+) -> tuple[EigResult, EigResult | None]:
+    """Block Lanczos for both ends of the spectrum; the engine behind :func:`lanczos`.
+
+    Args:
+        matmat: ``V [n, b] float64 -> H V [n, b]`` (any float dtype; cast to
+            float64).
+        n: operator size.
+        k_top, k_bottom: wanted pairs at the top (largest algebraic) and bottom
+            (smallest algebraic) ends.
+        block_size: ``b``; default ``k_top + k_bottom + 1`` (at most ``n``).
+        max_basis: ``m``, basis columns before a thick restart; default
+            ``max(3 (k_top + k_bottom) + 3 b, 8 b, 40)``.
+        tol: relative residual tolerance (scale: the largest ``|theta|`` seen).
+        atol: absolute residual tolerance added to ``tol * scale``.
+        max_hvps: budget of operator applications, in vectors.
+        min_iterations: block steps before convergence may be declared.
+        v0: ``[n]`` or ``[n, j]`` start vectors (a warm start); random columns
+            fill the block. ``j > b`` raises the block size to ``j``.
+        generator: private RNG for random start and replacement vectors.
+        device: where the basis lives (default: ``v0``'s device, else CPU).
+        callback: called with a :class:`LanczosState` after each step; returning
+            True stops the solve (status ``"stopped"``).
+        extend_rtol, extend_max: grow the returned neighbour set (``ritz_*``) to
+            the end of a cluster of Ritz values closer than
+            ``extend_rtol * max|theta|``, by at most ``extend_max`` pairs.
+
+    Returns:
+        ``(top, bottom)`` results; ``bottom`` is None when ``k_bottom == 0``. Both
+        share the counters of the one solve.
+    """
+    k_total = k_top + k_bottom
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int; got {n!r}")
+    if k_top < 0 or k_bottom < 0 or k_total < 1:
+        raise ValueError(
+            f"need at least one wanted pair; got k_top={k_top}, k_bottom={k_bottom}"
+        )
+    if k_total > n:
+        raise ValueError(
+            f"asked for {k_total} eigenpairs but the operator has only n = {n} "
+            "dimensions (the number of trainable parameters)"
+        )
+    if not (tol >= 0 and math.isfinite(tol)) or not (atol >= 0):
+        raise ValueError(f"tol and atol must be finite and >= 0; got {tol}, {atol}")
+    if v0 is not None:
+        if not isinstance(v0, Tensor) or v0.dim() not in (1, 2) or v0.shape[0] != n:
+            raise ValueError(
+                f"v0 must have shape [n] or [n, j] with n = {n}; got "
+                f"{list(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__}"
+            )
+        if v0.dim() == 1:
+            v0 = v0[:, None]
+        if not torch.isfinite(v0).all():
+            raise ValueError("v0 holds NaN or inf")
+        if device is None:
+            device = v0.device
+    device = torch.device(device if device is not None else "cpu")
+    b = block_size if block_size is not None else k_total + 1
+    if v0 is not None:
+        b = max(b, v0.shape[1])
+    b = max(1, min(b, n))
+    m = max_basis if max_basis is not None else max(3 * k_total + 3 * b, 8 * b, 40)
+    m = -(-m // b) * b  # round up to whole blocks
+    if max_basis is not None and m < k_total + 2 * b:
+        raise ValueError(
+            f"max_basis={max_basis} is too small for {k_total} wanted pairs with "
+            f"block size {b}: need at least {k_total + 2 * b}"
+        )
+    if max_hvps is None:
+        max_hvps = max(1000, 40 * k_total * b)
+
+    def apply(V: Tensor) -> Tensor:
+        HV = matmat(V)
+        if not isinstance(HV, Tensor) or HV.shape != V.shape:
+            raise ValueError(
+                f"matmat returned {getattr(HV, 'shape', type(HV).__name__)} for a "
+                f"block of shape {list(V.shape)}"
+            )
+        return HV.to(device=device, dtype=_F64)
+
+    # Small operators: the dense matrix is cheaper than a Krylov basis
+    if n <= m + b:
+        H, theta, Y, top, bottom, norm_est = _dense_solve(
+            apply, n, k_top, k_bottom, b, device, extend_rtol, extend_max
+        )
+        U_all = Y
+        HU_all = H @ Y
+        res = torch.linalg.vector_norm(HU_all - U_all * theta, dim=0)
+        return _finish(
+            theta,
+            U_all,
+            res,
+            top,
+            bottom,
+            k_top,
+            k_bottom,
+            tol,
+            atol,
+            norm_est,
+            iterations=1,
+            restarts=0,
+            hvps=n,
+            status="dense",
+        )
+
+    # Storage: the basis Q and the products H Q, m columns plus one block
+    Q = torch.empty(n, m + b, dtype=_F64, device=device)
+    HQ = torch.empty_like(Q)
+    cols = 0
+    head = torch.zeros(0, 0, dtype=_F64, device=device)
+    coupling = torch.zeros(b, 0, dtype=_F64, device=device)
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
+    Q_cur = _start_block(v0, n, b, generator, device)
+    Q[:, :b] = Q_cur
+    Q_cur = Q[:, :b]
+    Q_prev, B_prev = Q[:, :0], coupling
+    iterations = restarts = hvps = 0
+    norm_est = 0.0
+    best_worst, stalls = math.inf, 0
+    status = "max_hvps"
+
+    while True:
+        # 1. Expand: W = H Q_j, kept for explicit residuals
+        W = apply(Q_cur)
+        hvps += b
+        iterations += 1
+        HQ[:, cols : cols + b] = W
+        cols += b
+
+        # 2. Three-term recurrence: W <- W - Q_j A_j - Q_{j-1} B_{j-1}^T
+        W, A = _ops.lanczos_step(W, Q_cur, Q_prev, B_prev)
+        alphas.append(A)
+
+        # 3. Full reorthogonalization against the whole basis (two CGS passes)
+        W, _ = _ops.orthogonalize(Q[:, :cols], W, 2)
+
+        # 4. Rayleigh-Ritz on T = Q^T H Q (block tridiagonal with an arrow head)
+        T = _ops.assemble_tridiag(
+            head,
+            coupling,
+            torch.stack(alphas),
+            torch.stack(betas)
+            if betas
+            else torch.zeros(0, b, b, dtype=_F64, device=device),
+        )
+        theta, Y = torch.linalg.eigh(T)
+        norm_est = max(norm_est, float(theta.abs().max()))
+
+        # 5. Next block and its coupling: W = Q_{j+1} B_j
+        Q_next, B = _next_block(
+            W, Q[:, :cols], 1e-12 * max(norm_est, 1e-300), generator
+        )
+
+        # 6. Certificates: explicit residuals of the wanted Ritz pairs
+        enough = T.shape[0] >= k_total
+        top, bottom = _select(theta, k_top, k_bottom)
+        wanted = torch.cat([top, bottom])
+        U = Q[:, :cols] @ Y[:, wanted]
+        HU = HQ[:, :cols] @ Y[:, wanted]
+        res = torch.linalg.vector_norm(HU - U * theta[wanted], dim=0)
+        thresh = tol * norm_est + atol
+        conv = res <= thresh
+        done = enough and bool(conv.all()) and iterations >= min_iterations
+        if callback is not None:
+            state = LanczosState(
+                iteration=iterations,
+                hvps=hvps,
+                restarts=restarts,
+                basis_size=cols,
+                ritz_values=theta[wanted].clone(),
+                residuals=res.clone(),
+                converged=conv.clone(),
+            )
+            if callback(state):
+                status = "stopped"
+                break
+        if done:
+            status = "converged"
+            break
+        if hvps + b > max_hvps:
+            status = "max_hvps"
+            break
+
+        if cols + b > m:
+            # 7a. Thick restart: keep the wanted Ritz vectors and a block of guards
+            unconv = res[~conv] / max(thresh, 1e-300)
+            worst = float(unconv.max()) if unconv.numel() else 0.0
+            if worst < 0.9 * best_worst:
+                best_worst, stalls = worst, 0
+            else:
+                stalls += 1
+                if stalls >= 5:
+                    status = "stagnated"
+                    break
+            extra = max(0, min(b, m - 2 * b - k_total))
+            top_k, bottom_k = _select(
+                theta,
+                k_top + (extra if k_top else 0),
+                k_bottom + (extra if k_bottom else 0),
+            )
+            keep = torch.unique(torch.cat([top_k, bottom_k]))
+            r = keep.numel()
+            U_keep = Q[:, :cols] @ Y[:, keep]
+            HU_keep = HQ[:, :cols] @ Y[:, keep]
+            Q[:, :r] = U_keep
+            HQ[:, :r] = HU_keep
+            cols = r
+            head = torch.diag(theta[keep])
+            coupling = B @ Y[-b:, keep]
+            alphas, betas = [], []
+            Q_prev, B_prev = Q[:, :r], coupling
+            restarts += 1
+            logger.debug(
+                "restart %d after %d HVPs, worst residual/threshold %.3g",
+                restarts,
+                hvps,
+                worst,
+            )
+        else:
+            # 7b. Extend: the coupling B_j becomes the next step's B_{j-1}
+            betas.append(B)
+            Q_prev, B_prev = Q_cur, B
+        Q[:, cols : cols + b] = Q_next
+        Q_cur = Q[:, cols : cols + b]
+
+    # Final Ritz pairs: the wanted ones and a block of neighbours at each end
+    top, bottom = _select_neighbours(theta, k_top, k_bottom, b, extend_rtol, extend_max)
+    idx = torch.cat([top, bottom])
+    U_all = torch.zeros(n, theta.numel(), dtype=_F64, device=device)
+    HU_all = torch.zeros_like(U_all)
+    U_all[:, idx] = Q[:, :cols] @ Y[:, idx]
+    HU_all[:, idx] = HQ[:, :cols] @ Y[:, idx]
+    res_all = torch.zeros(theta.numel(), dtype=_F64, device=device)
+    res_all[idx] = torch.linalg.vector_norm(
+        HU_all[:, idx] - U_all[:, idx] * theta[idx], dim=0
+    )
+    return _finish(
+        theta,
+        U_all,
+        res_all,
+        top,
+        bottom,
+        k_top,
+        k_bottom,
+        tol,
+        atol,
+        norm_est,
+        iterations=iterations,
+        restarts=restarts,
+        hvps=hvps,
+        status=status,
+    )
+
+
+def _finish(
+    theta,
+    U_all,
+    res_all,
+    top,
+    bottom,
+    k_top,
+    k_bottom,
+    tol,
+    atol,
+    norm_est,
+    *,
+    iterations,
+    restarts,
+    hvps,
+    status,
+) -> tuple[EigResult, EigResult | None]:
+    """Package the top and bottom ends as results."""
+    thresh = tol * norm_est + atol
+
+    def make(idx: Tensor, k: int, which: str, ext_top: int) -> EigResult:
+        want = idx[:k]
+        conv = res_all[want] <= thresh
+        if bool(conv.all()):
+            final = "converged"
+        elif status in ("dense", "converged"):
+            final = "not_converged"
+        else:
+            final = status
+        return EigResult(
+            eigenvalues=theta[want].clone(),
+            eigenvectors=U_all[:, want].clone(),
+            residuals=res_all[want].clone(),
+            bounds=res_all[want].clone(),
+            certificate=["residual" if c else "none" for c in conv.tolist()],
+            converged=conv,
+            iterations=iterations,
+            restarts=restarts,
+            hvps=hvps,
+            status=final,
+            which=which,
+            tol=tol,
+            norm_estimate=norm_est,
+            ritz_values=theta[idx].clone(),
+            ritz_vectors=U_all[:, idx].clone(),
+            ritz_residuals=res_all[idx].clone(),
+            top_count=ext_top,
+        )
+
+    top_res = make(top, k_top, "LA", top.numel()) if k_top else None
+    bottom_res = make(bottom, k_bottom, "SA", 0) if k_bottom else None
+    if top_res is None:
+        return bottom_res, None
+    return top_res, bottom_res
+
+
+def _as_matmat(A: Any) -> tuple[Callable[[Tensor], Tensor], int, torch.device]:
+    """A dense symmetric matrix, an object with ``matmat`` and ``n``, or a callable."""
+    if isinstance(A, Tensor):
+        if A.dim() != 2 or A.shape[0] != A.shape[1]:
+            raise ValueError(
+                f"a dense operator must be square [n, n]; got {list(A.shape)}"
+            )
+        return (lambda V: A.to(V.dtype) @ V), A.shape[0], A.device
+    if hasattr(A, "matmat") and hasattr(A, "n"):
+        return A.matmat, int(A.n), getattr(A, "device", torch.device("cpu"))
+    raise TypeError(
+        "operator must be a square tensor or have .matmat and .n (pass a callable "
+        f"with n=...); got {type(A).__name__}"
+    )
+
+
+def lanczos(
+    operator: Any,
+    k: int = 1,
+    which: str = "LA",
+    *,
+    n: int | None = None,
+    tol: float = 1e-8,
+    **kwargs: Any,
+) -> EigResult:
+    """``k`` eigenpairs of a symmetric operator by block Lanczos.
+
+    Args:
+        operator: a dense symmetric ``[n, n]`` tensor, an object with ``matmat``
+            and ``n`` (e.g. :class:`curvx.operators.HessianOperator`), or a
+            callable ``[n, b] -> [n, b]`` together with ``n``.
+        k: wanted pairs.
+        which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"BE"``
+            both ends (``ceil(k/2)`` largest and ``floor(k/2)`` smallest).
+        n: operator size when ``operator`` is a plain callable.
+        tol: relative residual tolerance.
+        **kwargs: passed to :func:`solve` (``block_size``, ``max_basis``,
+            ``max_hvps``, ``v0``, ``generator``, ``callback``, ...).
+
+    Returns:
+        An :class:`EigResult`.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([3.0, -5.0, 1.0, 2.0], dtype=torch.float64))
+        >>> lanczos(A, k=1, which="LA").eigenvalues
+        tensor([3.], dtype=torch.float64)
+    """
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}; got {which!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int; got {k!r}")
+    if (
+        callable(operator)
+        and not isinstance(operator, Tensor)
+        and not hasattr(operator, "matmat")
+    ):
+        if n is None:
+            raise ValueError("pass n= with a plain callable operator")
+        matmat, size, device = operator, n, kwargs.pop("device", None)
+    else:
+        matmat, size, device = _as_matmat(operator)
+        device = kwargs.pop("device", device)
+    if which == "LA":
+        k_top, k_bottom = k, 0
+    elif which == "SA":
+        k_top, k_bottom = 0, k
+    else:
+        k_top, k_bottom = (k + 1) // 2, k // 2
+    top, bottom = solve(matmat, size, k_top, k_bottom, tol=tol, device=device, **kwargs)
+    if which != "BE" or bottom is None:
+        return top
+    # Both ends: largest ceil(k/2) then smallest floor(k/2), all descending
+    flip = torch.arange(bottom.eigenvalues.numel() - 1, -1, -1)
+    return EigResult(
+        eigenvalues=torch.cat([top.eigenvalues, bottom.eigenvalues[flip]]),
+        eigenvectors=torch.cat([top.eigenvectors, bottom.eigenvectors[:, flip]], 1),
+        residuals=torch.cat([top.residuals, bottom.residuals[flip]]),
+        bounds=torch.cat([top.bounds, bottom.bounds[flip]]),
+        certificate=top.certificate + [bottom.certificate[i] for i in flip.tolist()],
+        converged=torch.cat([top.converged, bottom.converged[flip]]),
+        iterations=top.iterations,
+        restarts=top.restarts,
+        hvps=top.hvps,
+        status=top.status if top.status != "converged" else bottom.status,
+        which="BE",
+        tol=tol,
+        norm_estimate=top.norm_estimate,
+        ritz_values=torch.cat([top.ritz_values, bottom.ritz_values]),
+        ritz_vectors=torch.cat([top.ritz_vectors, bottom.ritz_vectors], 1),
+        ritz_residuals=torch.cat([top.ritz_residuals, bottom.ritz_residuals]),
+        top_count=top.top_count,
+    )

@@ -1,0 +1,678 @@
+"""Hessian operators: exact Hessian-vector products of a model's mean loss.
+
+A :class:`HessianOperator` is built once per model, loss and data set and applied
+many times. It knows models and data and nothing about eigenvalues: the solver in
+:mod:`curvx.lanczos` only sees its ``matmat``.
+
+Shapes are written ``[n, k]``: ``n`` is the number of trainable parameters (in the
+order of ``model.named_parameters()``, flattened and concatenated) and ``k`` the
+number of vectors in a block.
+
+The loss is the mean over every example of ``data``::
+
+    L(w) = sum_c (n_c / N) * loss_fn(model(X_c; w), y_c)
+
+where ``loss_fn`` returns the mean over the ``n_c`` examples of chunk ``c`` and
+``N = sum_c n_c``. Every example counts once; a shorter last chunk is weighted by
+its size.
+
+BatchNorm and dropout policy (``mode``):
+
+* ``"eval"`` (default): every Hessian-vector product runs the model in eval mode.
+  BatchNorm uses its running statistics and dropout is off, so the operator is a
+  fixed symmetric matrix that does not depend on how the data is chunked.
+* ``"train"``: the model runs in train mode. BatchNorm normalizes each chunk with
+  that chunk's statistics (the Hessian then depends on ``chunk_size``; full-batch
+  chunks give the Hessian of the full-batch training loss) and dropout draws one
+  fixed mask per chunk for the life of the operator (``dropout_seed``), so every
+  product inside one solve sees the same function.
+
+In both modes the model's own mode flags, its buffers (BatchNorm running
+statistics), the parameters' ``.grad`` and the global RNG state are left as they
+were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from curvx._warnings import CurvxWarning
+
+__all__ = [
+    "HessianOperator",
+    "NonFiniteError",
+    "hvp",
+    "METHODS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: HVP paths: ``kept-graph`` (reverse-over-reverse on a first-backward graph kept
+#: while the parameters do not change), ``rev-rev`` (plain double backward,
+#: recomputed per product), ``fwd-rev`` (forward-over-reverse: a vmap over the jvp
+#: of the gradient), ``finite-difference`` (central differences of gradients; an
+#: approximation, used only as the last fallback).
+METHODS = ("auto", "kept-graph", "rev-rev", "fwd-rev", "finite-difference")
+
+_MODES = ("eval", "train")
+
+#: Default cap on the memory the kept graph may hold (bytes, all chunks together).
+DEFAULT_GRAPH_MEMORY = 4 * 2**30
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when the loss, the gradient or a Hessian-vector product is not finite."""
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"Tensor(shape={list(x.shape)}, dtype={x.dtype}, device={x.device})"
+    return type(x).__name__
+
+
+def _as_inputs(X: Any) -> tuple[Tensor, ...]:
+    """Model inputs of one chunk as a tuple (``model(*inputs)``)."""
+    if isinstance(X, Tensor):
+        return (X,)
+    if isinstance(X, (tuple, list)) and X and all(isinstance(t, Tensor) for t in X):
+        return tuple(X)
+    raise TypeError(
+        "each batch's inputs X must be a tensor or a tuple of tensors; got "
+        f"{_describe(X)}"
+    )
+
+
+def _make_chunks(
+    data: Any, chunk_size: int | None
+) -> list[tuple[tuple[Tensor, ...], Any, int]]:
+    """Split ``data`` into ``(inputs, target, n_c)`` chunks.
+
+    ``data`` is an ``(X, y)`` pair of tensors (split along dim 0 into chunks of
+    ``chunk_size``; one chunk when it is None) or an iterable of ``(X, y)`` batches
+    (a one-shot iterator is read once and kept).
+    """
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(
+            f"chunk_size must be a positive int or None; got {chunk_size!r}"
+        )
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], Tensor)
+        and isinstance(data[1], Tensor)
+    ):
+        X, y = data
+        if X.dim() == 0 or y.dim() == 0:
+            raise ValueError(
+                "data=(X, y) needs X and y with a leading example dimension; got "
+                f"X {_describe(X)}, y {_describe(y)}"
+            )
+        if X.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"data=(X, y) disagree on the number of examples: X has {X.shape[0]}, "
+                f"y has {y.shape[0]}"
+            )
+        N = X.shape[0]
+        if N == 0:
+            raise ValueError("data=(X, y) holds no examples")
+        size = N if chunk_size is None else chunk_size
+        return [
+            ((X[i : i + size],), y[i : i + size], min(size, N - i))
+            for i in range(0, N, size)
+        ]
+    if isinstance(data, Tensor) or not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be an (X, y) pair of tensors or an iterable of (X, y) batches; "
+            f"got {_describe(data)}"
+        )
+    chunks = []
+    for i, batch in enumerate(data):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(
+                f"batch {i} of data must be an (X, y) pair; got {_describe(batch)}"
+            )
+        inputs = _as_inputs(batch[0])
+        n_c = inputs[0].shape[0] if inputs[0].dim() > 0 else 0
+        if n_c == 0:
+            raise ValueError(f"batch {i} of data holds no examples")
+        chunks.append((inputs, batch[1], n_c))
+    if not chunks:
+        raise ValueError("data is an empty iterable: no batches to build the loss from")
+    return chunks
+
+
+class HessianOperator:
+    """The Hessian of a model's mean loss over a data set, as a linear operator.
+
+    Args:
+        model: the network; its parameters with ``requires_grad`` are the
+            variables, in ``named_parameters()`` order.
+        loss_fn: ``loss_fn(output, target) -> scalar``, the mean over the examples
+            of the batch it is given (the same function the optimizer minimizes).
+        data: an ``(X, y)`` pair of tensors, or an iterable of ``(X, y)`` batches.
+            ``X`` may be a tuple of tensors (``model(*X)``).
+        chunk_size: examples per forward pass when ``data`` is an ``(X, y)`` pair
+            (None: all at once).
+        method: one of :data:`METHODS`. ``"auto"`` uses the kept graph when it
+            fits in ``graph_memory`` bytes (measured with saved-tensor hooks while
+            it is built) and forward-over-reverse otherwise, and falls back along
+            kept-graph, rev-rev, fwd-rev, finite-difference when an op lacks
+            double backward or forward-mode AD (with one :class:`CurvxWarning`).
+        mode: ``"eval"`` or ``"train"``: the BatchNorm/dropout policy (module
+            docstring).
+        graph_memory: cap in bytes for the kept graph under ``method="auto"``.
+        dropout_seed: seed of the fixed dropout masks in ``mode="train"``.
+
+    Note:
+        The kept graph is rebuilt whenever a parameter changes (tracked through
+        tensor version counters), so the operator always describes the current
+        parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        data: Any,
+        *,
+        chunk_size: int | None = None,
+        method: str = "auto",
+        mode: str = "eval",
+        graph_memory: int = DEFAULT_GRAPH_MEMORY,
+        dropout_seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable; got {_describe(loss_fn)}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(
+                "model has no trainable parameters (none with requires_grad=True); "
+                "there is no Hessian to compute"
+            )
+        dtypes = {p.dtype for _, p in named}
+        devices = {p.device for _, p in named}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise NotImplementedError(
+                "trainable parameters must share one dtype and one device; got "
+                f"dtypes {sorted(map(str, dtypes))} on devices "
+                f"{sorted(map(str, devices))}"
+            )
+        self.dtype = next(iter(dtypes))
+        if not self.dtype.is_floating_point:
+            raise TypeError(
+                f"trainable parameters must be floating point; got {self.dtype}"
+            )
+        self.device = next(iter(devices))
+        self.model = model
+        self.loss_fn = loss_fn
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.n = sum(self.numels)
+        self.chunks = _make_chunks(data, chunk_size)
+        self.num_examples = sum(n_c for _, _, n_c in self.chunks)
+        self._check_data_devices()
+        self.mode = mode
+        self.requested_method = method
+        self.method = None if method == "auto" else method
+        self.graph_memory = graph_memory
+        self.dropout_seed = dropout_seed
+        self.hvp_count = 0
+        self.graph_bytes: int | None = None
+        self._graph: list[tuple[list[int], list[Tensor]]] | None = None
+        self._leaves: list[Tensor] | None = None
+        self._graph_key: tuple | None = None
+        self._graph_loss: Tensor | None = None
+        self._graph_grad: Tensor | None = None
+
+    # ------------------------------------------------------------------ layout
+
+    def flatten(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        """Per-parameter tensors ``[*shape_i]`` (None for zero) -> ``[n]``."""
+        parts = [
+            torch.zeros(m, dtype=self.dtype, device=self.device)
+            if t is None
+            else t.reshape(-1)
+            for t, m in zip(tensors, self.numels)
+        ]
+        return torch.cat(parts)
+
+    def flatten_batched(self, tensors: Sequence[Tensor | None], k: int) -> Tensor:
+        """Per-parameter blocks ``[k, *shape_i]`` (None for zero) -> ``[n, k]``."""
+        parts = [
+            torch.zeros(m, k, dtype=self.dtype, device=self.device)
+            if t is None
+            else t.reshape(k, -1).T
+            for t, m in zip(tensors, self.numels)
+        ]
+        return torch.cat(parts, dim=0)
+
+    def unflatten_batched(self, V: Tensor) -> list[Tensor]:
+        """``[n, k]`` -> per-parameter blocks ``[k, *shape_i]``."""
+        k = V.shape[1]
+        return [
+            part.T.reshape(k, *shape)
+            for part, shape in zip(V.split(self.numels, dim=0), self.shapes)
+        ]
+
+    def parameter_vector(self) -> Tensor:
+        """The current parameters flattened, ``[n]`` (a copy)."""
+        return self.flatten([p.detach() for p in self.params]).clone()
+
+    # ------------------------------------------------------------ state guard
+
+    def _check_data_devices(self) -> None:
+        for i, (inputs, target, _) in enumerate(self.chunks):
+            tensors = list(inputs) + ([target] if isinstance(target, Tensor) else [])
+            for t in tensors:
+                if t.device != self.device:
+                    raise ValueError(
+                        f"data batch {i} is on {t.device} but the model's parameters "
+                        f"are on {self.device}; move the data (or the model) first"
+                    )
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """Set the policy's mode, restore modes afterwards; keep the RNG untouched."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        want = self.mode == "train"
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            for m, _ in modes:
+                m.training = want
+            with torch.random.fork_rng(devices=devices, enabled=want):
+                yield
+        finally:
+            for m, flag in modes:
+                m.training = flag
+
+    def _buffers(self) -> dict[str, Tensor]:
+        """Buffers for functional_call: copies in train mode (running stats stay)."""
+        bufs = dict(self.model.named_buffers())
+        if self.mode == "train":
+            bufs = {k: v.clone() for k, v in bufs.items()}
+        return bufs
+
+    def _seed_chunk(self, c: int) -> None:
+        if self.mode == "train":
+            torch.manual_seed(self.dropout_seed * 1_000_003 + c)
+
+    def _chunk_loss(self, params: dict[str, Tensor], c: int) -> Tensor:
+        inputs, target, _ = self.chunks[c]
+        self._seed_chunk(c)
+        out = functional_call(self.model, (params, self._buffers()), inputs)
+        loss = self.loss_fn(out, target)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError(
+                "loss_fn must return a scalar (0-dim) tensor, the mean loss over the "
+                f"batch; got {_describe(loss)}"
+            )
+        return loss
+
+    def _weight(self, c: int) -> float:
+        return self.chunks[c][2] / self.num_examples
+
+    def _params_key(self) -> tuple:
+        return tuple((p._version, p.data_ptr()) for p in self.params)
+
+    # ------------------------------------------------------- loss and gradient
+
+    def loss_and_grad(self) -> tuple[Tensor, Tensor]:
+        """Mean loss (0-dim) and its gradient ``[n]`` at the current parameters.
+
+        Never touches ``.grad``. With the kept graph this is free (it is the
+        graph's first backward).
+        """
+        if self.method in (None, "kept-graph"):
+            try:
+                self._ensure_graph()
+            except Exception as err:  # noqa: BLE001 - fallback chain
+                if self.method == "kept-graph":
+                    raise
+                self._fallback("kept-graph", err)
+            else:
+                return self._graph_loss, self._graph_grad
+        leaves = [p.detach().requires_grad_() for p in self.params]
+        pd = dict(zip(self.names, leaves))
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        grad = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        with self._guard(), torch.enable_grad():
+            for c in range(len(self.chunks)):
+                loss = self._chunk_loss(pd, c) * self._weight(c)
+                g = torch.autograd.grad(loss, leaves, allow_unused=True)
+                total = total + loss.detach()
+                grad += self.flatten(g)
+        return total, grad
+
+    # ---------------------------------------------------------- kept graph
+
+    def _ensure_graph(self) -> None:
+        key = self._params_key()
+        if self._graph is not None and key == self._graph_key:
+            return
+        self._graph = None
+        leaves = [p.detach().requires_grad_() for p in self.params]
+        pd = dict(zip(self.names, leaves))
+        seen: dict[tuple, int] = {}
+
+        def pack(t: Tensor) -> Tensor:
+            with contextlib.suppress(Exception):
+                st = t.untyped_storage()
+                seen[(st.data_ptr(), t.device)] = st.nbytes()
+            return t
+
+        graph = []
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        grad = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with self._guard(), torch.enable_grad(), hooks:
+            for c in range(len(self.chunks)):
+                loss = self._chunk_loss(pd, c) * self._weight(c)
+                g = torch.autograd.grad(
+                    loss, leaves, create_graph=True, allow_unused=True
+                )
+                live = [
+                    i for i, gi in enumerate(g) if gi is not None and gi.requires_grad
+                ]
+                graph.append((live, [g[i] for i in live]))
+                total = total + loss.detach()
+                grad += self.flatten([None if gi is None else gi.detach() for gi in g])
+                if (
+                    self.requested_method == "auto"
+                    and sum(seen.values()) > self.graph_memory
+                ):
+                    raise MemoryError(
+                        f"kept graph needs more than graph_memory={self.graph_memory} "
+                        "bytes"
+                    )
+        self.graph_bytes = sum(seen.values())
+        self._graph, self._leaves, self._graph_key = graph, leaves, key
+        self._graph_loss, self._graph_grad = total, grad
+
+    def release(self) -> None:
+        """Drop the kept graph (it is rebuilt on the next product)."""
+        self._graph = self._leaves = self._graph_key = None
+        self._graph_loss = self._graph_grad = None
+
+    def _matmat_kept(self, V: Tensor) -> Tensor:
+        self._ensure_graph()
+        k = V.shape[1]
+        blocks = self.unflatten_batched(V)
+        acc: list[Tensor | None] = [None] * len(self.params)
+        for live, gs in self._graph:
+            if not live:
+                continue
+            outs = torch.autograd.grad(
+                gs,
+                self._leaves,
+                grad_outputs=[blocks[i] for i in live],
+                retain_graph=True,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+            for i, o in enumerate(outs):
+                if o is not None:
+                    acc[i] = o if acc[i] is None else acc[i] + o
+        return self.flatten_batched(acc, k)
+
+    # ------------------------------------------------------------- rev-rev
+
+    def _matmat_revrev(self, V: Tensor) -> Tensor:
+        k = V.shape[1]
+        blocks = self.unflatten_batched(V)
+        acc: list[Tensor | None] = [None] * len(self.params)
+        leaves = [p.detach().requires_grad_() for p in self.params]
+        pd = dict(zip(self.names, leaves))
+        with self._guard(), torch.enable_grad():
+            for c in range(len(self.chunks)):
+                loss = self._chunk_loss(pd, c) * self._weight(c)
+                g = torch.autograd.grad(
+                    loss, leaves, create_graph=True, allow_unused=True
+                )
+                live = [
+                    i for i, gi in enumerate(g) if gi is not None and gi.requires_grad
+                ]
+                if not live:
+                    continue
+                outs = torch.autograd.grad(
+                    [g[i] for i in live],
+                    leaves,
+                    grad_outputs=[blocks[i] for i in live],
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
+                for i, o in enumerate(outs):
+                    if o is not None:
+                        acc[i] = o if acc[i] is None else acc[i] + o
+        return self.flatten_batched(acc, k)
+
+    # ------------------------------------------------------------- fwd-rev
+
+    def _matmat_fwdrev(self, V: Tensor) -> Tensor:
+        k = V.shape[1]
+        tangents = dict(zip(self.names, self.unflatten_batched(V)))
+        primals = {name: p.detach() for name, p in zip(self.names, self.params)}
+        out = None
+        with self._guard():
+            for c in range(len(self.chunks)):
+                w = self._weight(c)
+
+                def grad_fn(p, c=c, w=w):
+                    return torch.func.grad(lambda q: self._chunk_loss(q, c) * w)(p)
+
+                def hvp_one(t, grad_fn=grad_fn):
+                    return torch.func.jvp(grad_fn, (primals,), (t,))[1]
+
+                hv = torch.func.vmap(hvp_one, randomness="same")(tangents)
+                block = self.flatten_batched([hv[name] for name in self.names], k)
+                out = block if out is None else out + block
+        return out
+
+    # --------------------------------------------------- finite differences
+
+    def _matmat_fd(self, V: Tensor) -> Tensor:
+        theta = [p.detach() for p in self.params]
+        scale = math.sqrt(torch.finfo(self.dtype).eps) * 10
+        cols = []
+        for j in range(V.shape[1]):
+            v = V[:, j]
+            vnorm = float(v.norm())
+            if vnorm == 0.0:
+                cols.append(torch.zeros_like(v))
+                continue
+            pnorm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in theta)))
+            eps = scale * (1.0 + pnorm) / vnorm
+            steps = v.split(self.numels)
+            gs = []
+            for sign in (1.0, -1.0):
+                shifted = [
+                    (t + sign * eps * s.reshape(t.shape)).requires_grad_()
+                    for t, s in zip(theta, steps)
+                ]
+                pd = dict(zip(self.names, shifted))
+                g = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+                with self._guard(), torch.enable_grad():
+                    for c in range(len(self.chunks)):
+                        loss = self._chunk_loss(pd, c) * self._weight(c)
+                        gc = torch.autograd.grad(loss, shifted, allow_unused=True)
+                        g += self.flatten(gc)
+                gs.append(g)
+            cols.append((gs[0] - gs[1]) / (2 * eps))
+        return torch.stack(cols, dim=1)
+
+    # ------------------------------------------------------------ dispatch
+
+    _IMPLS = {
+        "kept-graph": "_matmat_kept",
+        "rev-rev": "_matmat_revrev",
+        "fwd-rev": "_matmat_fwdrev",
+        "finite-difference": "_matmat_fd",
+    }
+    _CHAIN = ("kept-graph", "rev-rev", "fwd-rev", "finite-difference")
+
+    def _fallback(self, failed: str, err: BaseException) -> None:
+        """Move ``self.method`` past ``failed`` in the fallback chain."""
+        if isinstance(err, (ValueError, TypeError, NonFiniteError)):
+            raise err
+        nxt = self._CHAIN[self._CHAIN.index(failed) + 1]
+        if isinstance(err, MemoryError) and failed == "kept-graph":
+            nxt = "fwd-rev"  # a memory-light path
+        if not isinstance(err, MemoryError):
+            warnings.warn(
+                f"curvx: the {failed} Hessian-vector product failed on this model "
+                f"({type(err).__name__}: {err}); falling back to {nxt}"
+                + (" (an approximation)" if nxt == "finite-difference" else ""),
+                CurvxWarning,
+                stacklevel=3,
+            )
+        logger.debug("HVP method %s failed (%s); trying %s", failed, err, nxt)
+        self.release()
+        self.method = nxt if self.requested_method == "auto" else None
+        if self.method is None:
+            raise err
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``H V`` for a block ``V`` of shape ``[n, k]``; returns ``[n, k]``.
+
+        The product is computed in the parameters' dtype; the result has ``V``'s
+        dtype. The ``k`` vectors share one forward (and backward) pass per chunk.
+
+        Raises:
+            ValueError: ``V`` has the wrong shape.
+            NonFiniteError: the product is not finite.
+        """
+        if not isinstance(V, Tensor):
+            raise TypeError(f"V must be a tensor of shape [n, k]; got {_describe(V)}")
+        if V.dim() != 2 or V.shape[0] != self.n or V.shape[1] < 1:
+            raise ValueError(
+                f"V must have shape [n, k] with n = {self.n} (the number of trainable "
+                f"parameters) and k >= 1; got shape {list(V.shape)}"
+            )
+        if not V.dtype.is_floating_point:
+            raise TypeError(f"V must be floating point; got dtype {V.dtype}")
+        out_dtype = V.dtype
+        Vc = V.to(device=self.device, dtype=self.dtype)
+        while True:
+            method = self.method
+            if method is None:
+                method = self._choose()
+            try:
+                HV = getattr(self, self._IMPLS[method])(Vc)
+                break
+            except Exception as err:  # noqa: BLE001 - fallback chain
+                if self.requested_method != "auto" or method == "finite-difference":
+                    raise
+                self._fallback(method, err)
+        self.hvp_count += V.shape[1]
+        # One reduction sees any NaN/inf; the exact check only when it fires
+        if not torch.isfinite(HV.sum()) and not torch.isfinite(HV).all():
+            raise NonFiniteError(
+                "the Hessian-vector product is not finite (NaN or inf): check the "
+                "loss at the current parameters"
+            )
+        return HV.to(out_dtype)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for a single vector ``v`` of shape ``[n]``."""
+        if not isinstance(v, Tensor) or v.dim() != 1:
+            raise ValueError(
+                f"v must have shape [n] with n = {self.n}; got {_describe(v)}"
+            )
+        return self.matmat(v[:, None])[:, 0]
+
+    def __call__(self, V: Tensor) -> Tensor:
+        return self.matvec(V) if V.dim() == 1 else self.matmat(V)
+
+    def _choose(self) -> str:
+        """Pick the HVP path under ``method="auto"`` (kept graph if it fits)."""
+        try:
+            t0 = time.perf_counter()
+            self._ensure_graph()
+            logger.debug(
+                "kept graph: %.1f MiB, built in %.3f s",
+                (self.graph_bytes or 0) / 2**20,
+                time.perf_counter() - t0,
+            )
+            self.method = "kept-graph"
+        except MemoryError as err:
+            self._fallback("kept-graph", err)
+            self.method = "fwd-rev"
+        except Exception as err:  # noqa: BLE001 - fallback chain
+            self._fallback("kept-graph", err)
+        return self.method
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        """The BatchNorm/dropout policy and HVP path, for run metadata."""
+        return {
+            "mode": self.mode,
+            "batchnorm": (
+                "running statistics (eval mode)"
+                if self.mode == "eval"
+                else "per-chunk batch statistics (train mode); running stats untouched"
+            ),
+            "dropout": (
+                "off (eval mode)"
+                if self.mode == "eval"
+                else f"fixed masks per chunk, seed {self.dropout_seed}"
+            ),
+            "hvp_method": self.method or self.requested_method,
+            "num_examples": self.num_examples,
+            "num_chunks": len(self.chunks),
+            "num_parameters": self.n,
+        }
+
+
+def hvp(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    V: Tensor,
+    *,
+    chunk_size: int | None = None,
+    method: str = "auto",
+    mode: str = "eval",
+) -> Tensor:
+    """Exact Hessian-vector products of the mean loss over all of ``data``.
+
+    Args:
+        model, loss_fn, data, chunk_size, method, mode: as for
+            :class:`HessianOperator`.
+        V: ``[n]`` or ``[n, k]``, in the flattened order of the model's trainable
+            parameters.
+
+    Returns:
+        ``H V`` with ``V``'s shape and dtype.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> X, y = torch.randn(10, 3), torch.randn(10, 1)
+        >>> HV = hvp(model, torch.nn.functional.mse_loss, (X, y), torch.eye(4))
+        >>> HV.shape
+        torch.Size([4, 4])
+    """
+    op = HessianOperator(
+        model, loss_fn, data, chunk_size=chunk_size, method=method, mode=mode
+    )
+    if not isinstance(V, Tensor) or V.dim() not in (1, 2):
+        raise ValueError(
+            f"V must have shape [n] or [n, k] with n = {op.n}; got {_describe(V)}"
+        )
+    return op(V)

@@ -1,0 +1,215 @@
+"""How eigenvectors move between two evaluations: pure functions, no state.
+
+Bases are ``[n, p]`` with orthonormal columns (float64 recommended). Eigenvalue
+lists are ordered the way their columns are (top end: descending).
+
+Definitions (see the seed paper, Wang & Roberts 2024, and science.md):
+
+* principal angles ``theta_i`` between ``span(U)`` and ``span(W)``: the arccosines
+  of the singular values of ``U^T W``; computed from sines for small angles so
+  that an unchanged subspace gives angles at rounding level, not ``1e-8``;
+* subspace similarity: ``cos(sqrt(mean_i theta_i^2))``, 1 for the same subspace,
+  0 when every angle is 90 degrees;
+* a cluster: consecutive eigenvalues closer than ``rtol * max|lambda|`` plus their
+  residual bounds. A cluster is one subspace: vectors inside it are arbitrary, so
+  rotation is measured between cluster subspaces, never between its members.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "principal_angles",
+    "subspace_similarity",
+    "clusters",
+    "cluster_extent",
+    "top1_cosine",
+    "match",
+    "compare",
+]
+
+
+def _check_basis(name: str, U: Tensor) -> Tensor:
+    if not isinstance(U, Tensor) or U.dim() != 2:
+        raise ValueError(
+            f"{name} must be a [n, p] tensor; got {getattr(U, 'shape', U)}"
+        )
+    return U.to(torch.float64)
+
+
+def principal_angles(U: Tensor, W: Tensor) -> Tensor:
+    """Principal angles between ``span(U)`` and ``span(W)``, ascending, in radians.
+
+    Args:
+        U: ``[n, p]`` orthonormal columns.
+        W: ``[n, q]`` orthonormal columns.
+
+    Returns:
+        ``[min(p, q)]`` float64 angles in ``[0, pi/2]``.
+    """
+    U, W = _check_basis("U", U), _check_basis("W", W)
+    if U.shape[0] != W.shape[0]:
+        raise ValueError(
+            f"U and W must have the same number of rows; got {U.shape[0]} and "
+            f"{W.shape[0]}"
+        )
+    if U.shape[1] < W.shape[1]:
+        U, W = W, U
+    q = W.shape[1]
+    if q == 0:
+        return torch.zeros(0, dtype=torch.float64)
+
+    # Cosines: singular values of U^T W (descending)
+    M = U.T @ W
+    cos = torch.linalg.svdvals(M).clamp(0.0, 1.0)
+
+    # Sines: singular values of the part of W outside span(U) (pair ascending)
+    sin = torch.linalg.svdvals(W - U @ M).clamp(0.0, 1.0).flip(0)
+
+    # Small angles from sines, large ones from cosines
+    small = cos**2 >= 0.5
+    angles = torch.where(small, torch.arcsin(sin), torch.arccos(cos))
+    return angles.sort().values.cpu()
+
+
+def subspace_similarity(U: Tensor, W: Tensor) -> float:
+    """``cos`` of the root-mean-square principal angle between two subspaces."""
+    angles = principal_angles(U, W)
+    if angles.numel() == 0:
+        return float("nan")
+    return math.cos(math.sqrt(float((angles**2).mean())))
+
+
+def clusters(
+    values: Sequence[float] | Tensor,
+    rtol: float = 1e-3,
+    residuals: Sequence[float] | Tensor | None = None,
+) -> list[list[int]]:
+    """Group consecutive near-equal eigenvalues.
+
+    Two neighbours ``i, i+1`` (in the given order) belong together when
+    ``|v_i - v_{i+1}| <= rtol * max_j |v_j| + r_i + r_{i+1}`` (``r``: residual
+    bounds, zero when not given).
+
+    Returns:
+        Index groups covering ``range(len(values))`` in order.
+    """
+    v = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
+    if v.numel() == 0:
+        return []
+    r = (
+        torch.zeros_like(v)
+        if residuals is None
+        else torch.as_tensor(residuals, dtype=torch.float64).flatten().cpu()
+    )
+    scale = float(v.abs().max())
+    groups = [[0]]
+    for i in range(1, v.numel()):
+        gap = abs(float(v[i] - v[i - 1]))
+        if gap <= rtol * scale + float(r[i] + r[i - 1]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def cluster_extent(
+    values: Sequence[float] | Tensor,
+    count: int,
+    rtol: float = 1e-3,
+    residuals: Sequence[float] | Tensor | None = None,
+) -> int:
+    """How many leading entries to take so that no cluster is cut at ``count``."""
+    groups = clusters(values, rtol, residuals)
+    taken = 0
+    for g in groups:
+        if taken >= count:
+            break
+        taken += len(g)
+    return min(max(taken, 0), len(torch.as_tensor(values).flatten()))
+
+
+def top1_cosine(
+    prev_values: Tensor,
+    prev_vectors: Tensor,
+    values: Tensor,
+    vectors: Tensor,
+    rtol: float = 1e-3,
+    prev_residuals: Tensor | None = None,
+    residuals: Tensor | None = None,
+) -> float:
+    """``|cos|`` between consecutive top eigenvectors, cluster-aware.
+
+    For simple top eigenvalues this is ``|<v1(t-1), v1(t)>|``. When the top
+    eigenvalue is in a cluster at either step, it is the cosine of the smallest
+    principal angle between the two top-cluster subspaces (1 when they share a
+    direction), so no rotation is reported inside a cluster.
+    """
+    p = cluster_extent(prev_values, 1, rtol, prev_residuals)
+    c = cluster_extent(values, 1, rtol, residuals)
+    angles = principal_angles(prev_vectors[:, :p], vectors[:, :c])
+    return math.cos(float(angles[0]))
+
+
+def match(prev_vectors: Tensor, vectors: Tensor) -> list[tuple[int, int, float]]:
+    """Match eigenvectors across two steps by overlap, not by index.
+
+    Greedy on ``|<u_i, w_j>|``: the largest overlap first. Returns
+    ``(i_prev, j_new, |cos|)`` triples, one per matched pair.
+    """
+    P, W = _check_basis("prev_vectors", prev_vectors), _check_basis("vectors", vectors)
+    O = (P.T @ W).abs().cpu()
+    pairs = []
+    while O.numel() and float(O.max()) >= 0:
+        flat = int(torch.argmax(O))
+        i, j = divmod(flat, O.shape[1])
+        pairs.append((i, j, float(O[i, j])))
+        O[i, :] = -1.0
+        O[:, j] = -1.0
+        if len(pairs) == min(P.shape[1], W.shape[1]):
+            break
+    return sorted(pairs)
+
+
+def compare(
+    prev_values: Tensor,
+    prev_vectors: Tensor,
+    values: Tensor,
+    vectors: Tensor,
+    k: int,
+    rtol: float = 1e-3,
+    prev_residuals: Tensor | None = None,
+    residuals: Tensor | None = None,
+) -> dict[str, object]:
+    """Rotation of the top-k eigenvectors from one evaluation to the next.
+
+    Args:
+        prev_values, values: ``[r0]``, ``[r1]`` top-end Ritz values, descending
+            (may hold more than ``k``: neighbours let clusters at the k-th value be
+            seen whole).
+        prev_vectors, vectors: ``[n, r0]``, ``[n, r1]`` matching vectors.
+        k: the tracked count.
+
+    Returns:
+        ``rotation_top1`` (cluster-aware ``|cos|``), ``subspace_similarity``
+        (cos of rms principal angle between the top-k subspaces, each extended to
+        the end of a cluster cut at k), ``max_principal_angle`` (radians),
+        ``matching`` (``[i_prev, j_new, |cos|]`` for the top-k vectors).
+    """
+    k0 = cluster_extent(prev_values, k, rtol, prev_residuals)
+    k1 = cluster_extent(values, k, rtol, residuals)
+    angles = principal_angles(prev_vectors[:, :k0], vectors[:, :k1])
+    pairs = match(prev_vectors[:, :k], vectors[:, :k])
+    return {
+        "rotation_top1": top1_cosine(
+            prev_values, prev_vectors, values, vectors, rtol, prev_residuals, residuals
+        ),
+        "subspace_similarity": math.cos(math.sqrt(float((angles**2).mean()))),
+        "max_principal_angle": float(angles.max()),
+        "matching": [[i, j, c] for i, j, c in pairs],
+    }

@@ -1,0 +1,79 @@
+"""Eigenpairs of a model's loss Hessian: the operator and the solver put together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvx.lanczos import EigResult, default_tol, lanczos
+from curvx.operators import HessianOperator
+
+__all__ = ["eigsh"]
+
+
+def eigsh(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    k: int = 1,
+    which: str = "LA",
+    tol: float | None = None,
+    *,
+    chunk_size: int | None = None,
+    method: str = "auto",
+    mode: str = "eval",
+    block_size: int | None = None,
+    max_basis: int | None = None,
+    max_hvps: int | None = None,
+    v0: Tensor | None = None,
+    seed: int = 0,
+    callback: Callable | None = None,
+) -> EigResult:
+    """Certified extreme eigenpairs of the Hessian of the mean loss over ``data``.
+
+    Block Lanczos with full reorthogonalization in float64, restarted until every
+    wanted pair's residual ``||H u - theta u||`` is at most ``tol * ||H||_est``, or
+    the HVP budget runs out (then ``converged`` says which pairs made it).
+
+    Args:
+        model, loss_fn, data, chunk_size, method, mode: see
+            :class:`curvx.operators.HessianOperator`.
+        k: wanted pairs.
+        which: ``"LA"`` (largest algebraic, descending: the sharpness first),
+            ``"SA"`` (smallest algebraic, ascending) or ``"BE"`` (both ends).
+        tol: relative residual tolerance; default from the parameters' dtype
+            (1e-8 float64, 1e-4 float32, 1e-2 lower).
+        block_size, max_basis, max_hvps, v0, callback: see
+            :func:`curvx.lanczos.solve`.
+        seed: seed of the private generator for random start vectors.
+
+    Returns:
+        :class:`curvx.lanczos.EigResult`; eigenvectors are ``[n, k]`` in the
+        flattened order of the model's trainable parameters.
+    """
+    op = HessianOperator(
+        model, loss_fn, data, chunk_size=chunk_size, method=method, mode=mode
+    )
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int; got {k!r}")
+    if k > op.n:
+        raise ValueError(
+            f"k={k} is larger than the number of trainable parameters n = {op.n}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    return lanczos(
+        op,
+        k,
+        which,
+        tol=default_tol(op.dtype) if tol is None else tol,
+        block_size=block_size,
+        max_basis=max_basis,
+        max_hvps=max_hvps,
+        v0=v0,
+        generator=gen,
+        device=op.device,
+        callback=callback,
+    )

@@ -1,0 +1,349 @@
+"""Per-step tracking of the Hessian's extreme eigenpairs during training.
+
+A :class:`Tracker` owns the warm-start state (the last Ritz vectors), a private
+``torch.Generator`` and one :class:`~curvx.operators.HessianOperator`. Each
+:meth:`Tracker.step` recomputes the eigenpairs at the model's current parameters,
+starting from the previous ones, and returns a :class:`TrackRecord`.
+
+Example:
+    >>> import torch, curvx
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+    ...                             torch.nn.Linear(8, 2))
+    >>> X, y = torch.randn(64, 4), torch.randn(64, 2)
+    >>> loss_fn = torch.nn.functional.mse_loss
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> tracker = curvx.track(model, loss_fn, (X, y), k=2)
+    >>> for t in range(3):
+    ...     opt.zero_grad()
+    ...     loss_fn(model(X), y).backward()
+    ...     rec = tracker.step(step=t, lr=0.1)
+    ...     opt.step()
+    >>> rec.status
+    'ok'
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvx import rotation
+from curvx.lanczos import EigResult, default_tol, solve
+from curvx.operators import HessianOperator, NonFiniteError
+
+__all__ = ["Tracker", "TrackRecord", "track"]
+
+logger = logging.getLogger(__name__)
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: non-finite floats become None, tensors become lists."""
+    if isinstance(x, Tensor):
+        x = x.tolist()
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    return x
+
+
+@dataclass
+class TrackRecord:
+    """One tracked evaluation.
+
+    Attributes:
+        step, lr: as passed to :meth:`Tracker.step`.
+        loss: the mean loss the tracker evaluated (the operator's own forward).
+        sharpness: the largest algebraic eigenvalue (``eigenvalues[0]``).
+        eigenvalues: top-k Ritz values, descending.
+        residuals: their ``||H u - theta u||``.
+        converged: per value, ``residual <= tol * ||H||_est``.
+        lambda_min, lambda_min_residual, lambda_min_converged: the most negative
+            eigenvalue, when tracked.
+        rotation_top1: ``|cos|`` between this and the previous top eigenvector
+            (cluster-aware; None on the first evaluation).
+        subspace_similarity: cos of the rms principal angle between consecutive
+            top-k subspaces (None on the first evaluation).
+        max_principal_angle: largest principal angle (radians) between them.
+        reference_similarity: subspace similarity to the reference step (the
+            first evaluation, or the one pinned with :meth:`Tracker.pin_reference`).
+        matching: ``[i_prev, j_new, |cos|]``: top-k vectors matched by overlap.
+        hvps: Hessian-vector products (vectors) spent on this evaluation.
+        iterations, restarts: block Lanczos steps and thick restarts.
+        track_seconds: wall time of this evaluation.
+        status: ``"ok"``, ``"unconverged"`` (some pair missed the tolerance),
+            ``"nonfinite"`` (NaN/inf loss or products: no eigenvalues) or
+            ``"error"`` (see ``message``).
+        solver_status: the solver's own status.
+        method: the HVP path used.
+        warm_start: whether the solve started from the previous vectors.
+        threshold: ``2 / lr`` when ``lr`` was given.
+        message: detail for non-ok statuses.
+    """
+
+    step: int | None
+    lr: float | None
+    loss: float | None
+    sharpness: float | None
+    eigenvalues: list[float]
+    residuals: list[float]
+    converged: list[bool]
+    lambda_min: float | None = None
+    lambda_min_residual: float | None = None
+    lambda_min_converged: bool | None = None
+    rotation_top1: float | None = None
+    subspace_similarity: float | None = None
+    max_principal_angle: float | None = None
+    reference_similarity: float | None = None
+    matching: list[list[float]] = field(default_factory=list)
+    hvps: int = 0
+    iterations: int = 0
+    restarts: int = 0
+    track_seconds: float = 0.0
+    status: str = "ok"
+    solver_status: str | None = None
+    method: str | None = None
+    warm_start: bool = False
+    threshold: float | None = None
+    message: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (non-finite numbers become None)."""
+        return _clean(asdict(self))
+
+
+class Tracker:
+    """Warm-started tracking of the top-k (and optionally the most negative)
+    Hessian eigenpairs.
+
+    Args:
+        model, loss_fn, data, chunk_size, method, mode: see
+            :class:`curvx.operators.HessianOperator` (``mode`` is the
+            BatchNorm/dropout policy).
+        k: top eigenpairs to track.
+        lambda_min: also track the most negative (smallest algebraic) eigenpair.
+        tol: relative residual tolerance (default from the parameters' dtype).
+        seed: seed of the tracker's private generator (random guard vectors).
+        guard: extra block columns beyond the tracked pairs, so that a cluster
+            or an eigenvalue crossing at the k-th value is caught.
+        max_hvps: HVP budget per evaluation (vectors).
+        cluster_rtol: relative gap under which eigenvalues form one cluster (no
+            rotation reported inside it).
+
+    The model's mode flags, buffers, ``.grad`` and the global RNG are left as
+    they were by every call.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        data: Any,
+        k: int = 2,
+        *,
+        lambda_min: bool = False,
+        chunk_size: int | None = None,
+        tol: float | None = None,
+        seed: int = 0,
+        method: str = "auto",
+        mode: str = "eval",
+        guard: int = 1,
+        max_hvps: int | None = None,
+        cluster_rtol: float = 1e-3,
+    ) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive int; got {k!r}")
+        if not isinstance(guard, int) or guard < 0:
+            raise ValueError(f"guard must be an int >= 0; got {guard!r}")
+        self.operator = HessianOperator(
+            model,
+            loss_fn,
+            data,
+            chunk_size=chunk_size,
+            method=method,
+            mode=mode,
+            dropout_seed=seed,
+        )
+        k_total = k + int(bool(lambda_min))
+        if k_total > self.operator.n:
+            raise ValueError(
+                f"k={k}{' + 1 (lambda_min)' if lambda_min else ''} is larger than the "
+                f"number of trainable parameters n = {self.operator.n}"
+            )
+        self.model = model
+        self.k = k
+        self.lambda_min = bool(lambda_min)
+        self.tol = default_tol(self.operator.dtype) if tol is None else float(tol)
+        self.guard = guard
+        self.block_size = min(self.operator.n, k_total + guard)
+        self.max_hvps = max_hvps
+        self.cluster_rtol = cluster_rtol
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.evaluations = 0
+        self._prev: EigResult | None = None
+        self._prev_bottom: EigResult | None = None
+        self._reference: Tensor | None = None
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        """BatchNorm/dropout policy, HVP path and solver settings (run metadata)."""
+        return {
+            **self.operator.policy,
+            "k": self.k,
+            "lambda_min": self.lambda_min,
+            "tol": self.tol,
+            "block_size": self.block_size,
+            "cluster_rtol": self.cluster_rtol,
+            "seed": self.seed,
+        }
+
+    def pin_reference(self) -> None:
+        """Use the most recent top-k subspace as the reference for later steps."""
+        if self._prev is not None:
+            self._reference = self._prev.eigenvectors.clone()
+
+    def reset(self) -> None:
+        """Forget the warm-start state (the next step is a cold solve)."""
+        self._prev = self._prev_bottom = None
+
+    def _certified_top(self, res: EigResult) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-end Ritz pairs: the k tracked ones plus the converged neighbours.
+
+        Unconverged neighbours are left out: they are mixtures, and a cluster
+        subspace built from them would show rotation that is not there.
+        """
+        vals = res.ritz_values[: res.top_count]
+        vecs = res.ritz_vectors[:, : res.top_count]
+        resid = res.ritz_residuals[: res.top_count]
+        ok = resid <= self.tol * res.norm_estimate
+        ok[: self.k] = True
+        return vals[ok], vecs[:, ok], resid[ok]
+
+    def _warm_block(self) -> Tensor | None:
+        """Previous top vectors (whole clusters at the k-th value) and bottom."""
+        if self._prev is None:
+            return None
+        vals, vecs, resid = self._certified_top(self._prev)
+        k0 = rotation.cluster_extent(vals, self.k, self.cluster_rtol, resid)
+        n_bottom = int(self.lambda_min and self._prev_bottom is not None)
+        take = max(k0, self.block_size - n_bottom)
+        parts = [vecs[:, :take]]
+        if n_bottom:
+            parts.append(self._prev_bottom.eigenvectors)
+        return torch.cat(parts, dim=1)
+
+    def step(self, step: int | None = None, lr: float | None = None) -> TrackRecord:
+        """Eigenpairs at the model's current parameters, warm-started.
+
+        Call it whenever the parameters should be measured (typically once per
+        training step). Never raises for a non-finite loss: the record says so.
+        """
+        t0 = time.perf_counter()
+        op = self.operator
+        hv0 = op.hvp_count
+        threshold = 2.0 / lr if lr else None
+        rec = TrackRecord(
+            step=step,
+            lr=lr,
+            loss=None,
+            sharpness=None,
+            eigenvalues=[],
+            residuals=[],
+            converged=[],
+            threshold=threshold,
+        )
+        try:
+            loss, _ = op.loss_and_grad()
+            rec.loss = float(loss)
+            if not math.isfinite(rec.loss):
+                raise NonFiniteError(f"the loss is {rec.loss}")
+            v0 = self._warm_block()
+            rec.warm_start = v0 is not None
+            b = self.block_size
+            if v0 is not None:
+                b = min(op.n, max(b, v0.shape[1] + self.guard))
+            top, bottom = solve(
+                op.matmat,
+                op.n,
+                self.k,
+                int(self.lambda_min),
+                block_size=b,
+                extend_rtol=self.cluster_rtol,
+                tol=self.tol,
+                max_hvps=self.max_hvps,
+                v0=v0,
+                generator=self.generator,
+                device=op.device,
+            )
+        except NonFiniteError as err:
+            rec.status, rec.message = "nonfinite", str(err)
+            return self._close(rec, t0, hv0)
+        rec.eigenvalues = top.eigenvalues.tolist()
+        rec.residuals = top.residuals.tolist()
+        rec.converged = top.converged.tolist()
+        rec.sharpness = rec.eigenvalues[0]
+        rec.iterations, rec.restarts = top.iterations, top.restarts
+        rec.solver_status = top.status
+        ok = top.all_converged
+        if bottom is not None:
+            rec.lambda_min = float(bottom.eigenvalues[0])
+            rec.lambda_min_residual = float(bottom.residuals[0])
+            rec.lambda_min_converged = bool(bottom.converged[0])
+            ok = ok and rec.lambda_min_converged
+        rec.status = "ok" if ok else "unconverged"
+
+        # Rotation against the previous evaluation and the reference
+        if self._prev is not None:
+            p_vals, p_vecs, p_res = self._certified_top(self._prev)
+            c_vals, c_vecs, c_res = self._certified_top(top)
+            cmp = rotation.compare(
+                p_vals, p_vecs, c_vals, c_vecs, self.k, self.cluster_rtol, p_res, c_res
+            )
+            rec.rotation_top1 = cmp["rotation_top1"]
+            rec.subspace_similarity = cmp["subspace_similarity"]
+            rec.max_principal_angle = cmp["max_principal_angle"]
+            rec.matching = cmp["matching"]
+        if self._reference is None:
+            self._reference = top.eigenvectors.clone()
+        rec.reference_similarity = rotation.subspace_similarity(
+            self._reference, top.eigenvectors
+        )
+        self._prev, self._prev_bottom = top, bottom
+        return self._close(rec, t0, hv0)
+
+    def _close(self, rec: TrackRecord, t0: float, hv0: int) -> TrackRecord:
+        rec.hvps = self.operator.hvp_count - hv0
+        rec.method = self.operator.method
+        rec.track_seconds = time.perf_counter() - t0
+        self.evaluations += 1
+        logger.debug(
+            "step %s: sharpness %s, %d HVPs, %.3f s",
+            rec.step,
+            rec.sharpness,
+            rec.hvps,
+            rec.track_seconds,
+        )
+        return rec
+
+
+def track(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    k: int = 2,
+    **kwargs: Any,
+) -> Tracker:
+    """A :class:`Tracker` for ``model``; call ``.step()`` once per training step."""
+    return Tracker(model, loss_fn, data, k, **kwargs)

@@ -1,0 +1,250 @@
+"""End-to-end tests of ``curvx train`` / ``curvx plot`` on the digits data.
+
+These runs use the real tracker (:func:`curvx.track`); they are small (300 examples,
+15 steps) so the whole file stays within a few tens of seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from curvx.harness.cli import main
+from curvx.harness.metrics import RECORD_KEYS
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--dataset", "digits", "--n-train", "300", "--n-test", "100", "--k", "2"]
+PNGS = ("loss.png", "sharpness.png", "rotation.png")
+
+
+def child_env() -> dict:
+    """Environment for a child interpreter that can import this checkout."""
+    env = dict(os.environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths + [str(REPO)])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def read_lines(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    assert lines, f"{path} is empty"
+    return [json.loads(line) for line in lines]  # every line must parse
+
+
+def check_run_folder(out: Path, steps: int) -> tuple[dict, list[dict], dict]:
+    config = json.loads((out / "config.json").read_text())
+    records = read_lines(out / "metrics.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    for name in PNGS:
+        assert (out / name).stat().st_size > 1000, name
+    assert [r["step"] for r in records] == list(range(steps + 1))
+    for r in records:
+        assert set(RECORD_KEYS) <= set(r), set(RECORD_KEYS) - set(r)
+    return config, records, summary
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    args = ["train", *SMALL, *"--steps 15 --eval-every 5 --quiet".split()]
+    code = main([*args, "--out", str(out)])
+    return code, out
+
+
+def test_train_in_process(small_run):
+    code, out = small_run
+    assert code == 0
+    config, records, summary = check_run_folder(out, 15)
+
+    settings = config["settings"]
+    assert settings["dataset"] == "digits" and settings["n_train"] == 300
+    assert config["dataset"]["n_train"] == 300
+    assert config["dataset"]["train_subset"].startswith("first 300 examples")
+    assert "0.5 * sum over the n_classes outputs" in config["loss"]["reduction"]
+    assert config["optimizer"]["threshold"] == pytest.approx(2 / 0.05)
+    assert config["tracking"]["enabled"] and config["tracking"]["policy"]
+    for key in ("curvx", "torch", "extension"):
+        assert key in config["versions"]
+    assert config["command"].startswith("curvx train")
+    assert config["device"]["device"] in ("cpu", "cuda")
+
+    for r in records:
+        assert r["status"] == "ok"
+        assert r["train_loss"] is not None and r["step_seconds"] > 0
+        # Tracked every step: eigenvalues present, descending, for the same loss.
+        assert len(r["eigenvalues"]) == 2 and r["eigenvalues"][0] >= r["eigenvalues"][1]
+        assert r["sharpness"] == r["eigenvalues"][0]
+        assert len(r["residuals"]) == 2 and len(r["converged"]) == 2
+        assert r["hvps"] > 0 and r["track_seconds"] > 0
+        assert r["track_loss"] == pytest.approx(r["train_loss"], rel=1e-5)
+        assert r["lambda_min"] is None
+        assert (r["test_loss"] is not None) == (r["step"] % 5 == 0 or r["step"] == 15)
+    assert records[0]["rotation_top1"] is None
+    assert all(0 <= r["rotation_top1"] <= 1 + 1e-6 for r in records[1:])
+    assert all(0 <= r["subspace_similarity"] <= 1 + 1e-6 for r in records[1:])
+
+    assert summary["status"] == "completed" and summary["n_records"] == 16
+    assert summary["n_track_failures"] == 0 and summary["n_tracked"] == 16
+    assert summary["final_sharpness"] == records[-1]["sharpness"]
+    assert summary["median_hvps"] > 0 and summary["wall_seconds"] > 0
+    assert summary["train_loss"]["final"] < summary["train_loss"]["max"]
+
+
+def test_plot_command_regenerates(small_run, capsys):
+    _, out = small_run
+    for name in PNGS:
+        (out / name).unlink()
+    assert main(["plot", str(out)]) == 0
+    assert all((out / name).is_file() for name in PNGS)
+    assert main(["plot", str(out / "nope")]) == 2
+    assert "not a curvx run folder" in capsys.readouterr().err
+
+
+def test_existing_run_folder_needs_overwrite(small_run, capsys):
+    _, out = small_run
+    args = ["train", *SMALL, "--steps", "1", "--quiet", "--out", str(out)]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_train_subprocess(tmp_path):
+    out = tmp_path / "sub"
+    # Same job as the in-process run, tracked every 5th step to save time.
+    args = "train --dataset digits --n-train 300 --steps 15 --k 2 --track-every 5"
+    args = args.split()
+    cmd = [sys.executable, "-m", "curvx.harness.cli", *args, "--out", str(out)]
+    proc = subprocess.run(
+        cmd, env=child_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "completed at step 15" in proc.stdout
+    config, records, summary = check_run_folder(out, 15)
+    assert config["argv"][:2] == ["curvx", "train"]
+    assert summary["status"] == "completed" and summary["n_track_failures"] == 0
+    tracked = [r["step"] for r in records if r["sharpness"] is not None]
+    assert tracked == [0, 5, 10, 15]
+    assert records[5]["rotation_top1"] is not None  # vs the previous tracked step
+
+
+def test_momentum_with_lambda_min(tmp_path):
+    out = tmp_path / "lm"
+    argv = (
+        "train --dataset digits --n-train 100 --n-test 20 --width 16 --k 1 --steps 2 "
+        "--lambda-min --optimizer momentum --quiet --no-plots"
+    ).split()
+    argv += ["--out", str(out)]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["optimizer"]["threshold_rule"] == "2(1+beta)/lr"
+    assert config["optimizer"]["threshold"] == pytest.approx(2 * 1.9 / 0.05)
+    records = read_lines(out / "metrics.jsonl")
+    assert len(records) == 3
+    assert all(r["lambda_min"] is not None for r in records)
+    assert all(r["lambda_min"] <= r["sharpness"] for r in records)
+    assert not (out / "loss.png").exists()
+
+
+def test_sigkill_leaves_parsable_metrics(tmp_path):
+    out = tmp_path / "killed"
+    # Tracking off: this test is about durable writes, and a cold tracker start
+    # would only add seconds.
+    args = ["train", *SMALL, *"--steps 100000 --track-every 0 --quiet".split()]
+    cmd = [sys.executable, "-m", "curvx.harness.cli", *args, "--out", str(out)]
+    proc = subprocess.Popen(
+        cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    metrics = out / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and metrics.read_text().count("\n") >= 5:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    records = read_lines(metrics)
+    assert len(records) >= 5
+    assert [r["step"] for r in records] == list(range(len(records)))
+    assert json.loads((out / "config.json").read_text())["settings"]["steps"] == 100000
+    assert not (out / "summary.json").exists()
+    # A killed run can still be plotted.
+    assert main(["plot", str(out)]) == 0
+
+
+def test_divergence_stops_cleanly(tmp_path):
+    out = tmp_path / "div"
+    code = main(
+        ["train", *SMALL, "--lr", "1e6", "--steps", "50", "--quiet", "--out", str(out)]
+    )
+    assert code == 0
+    records = read_lines(out / "metrics.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    last = records[-1]
+    assert last["status"] == "diverged" and summary["diverged_at_step"] == last["step"]
+    assert last["step"] < 50 and len(records) == last["step"] + 1
+    assert all(r["status"] == "ok" for r in records[:-1])
+    assert records[0]["train_loss"] is not None
+    assert all((out / name).is_file() for name in PNGS)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "-1"], "--lr: must be a finite number > 0"),
+        (["--lr", "abc"], "--lr: expected a number"),
+        (["--k", "0"], "--k: must be >= 1"),
+        (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+        (["--momentum", "1.5"], "--momentum: must be in [0, 1)"),
+        (["--n-train", "5000"], "more than the 1500 training examples digits has"),
+        (["--model", "deep-linear", "--depth", "0"], "depth must be >= 1"),
+        (["--track-method", "magic"], "tracker settings rejected"),
+    ],
+)
+def test_bad_arguments(tmp_path, capsys, args, message):
+    argv = "train --dataset digits --steps 1 --quiet".split()
+    argv += ["--out", str(tmp_path / "bad"), *args]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing written for a refused run
+
+
+def test_cifar_missing_is_a_clear_error(tmp_path, capsys):
+    argv = "train --dataset cifar10 --steps 1 --quiet".split()
+    argv += ["--data-dir", str(tmp_path), "--out", str(tmp_path / "c")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "CIFAR-10 not found" in err and str(tmp_path) in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_help_and_missing_command(capsys):
+    assert main(["train", "--help"]) == 0
+    assert "--track-every" in capsys.readouterr().out
+    assert main([]) == 2
+
+
+def test_cuda_unavailable_is_a_clear_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: the error path cannot be reached")
+    argv = ["train", *SMALL, *"--device cuda --steps 1 --quiet".split()]
+    argv += ["--out", str(tmp_path / "g")]
+    assert main(argv) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err

@@ -1,0 +1,204 @@
+"""Block Lanczos and eigsh() against dense float64 eigendecompositions."""
+
+import math
+
+import pytest
+import torch
+from _reference import Quadratic, data, dense_hessian, mlp, mse_sum, quadratic_loss
+
+import curvx
+from curvx.lanczos import LanczosState, lanczos, solve
+
+
+def _sym(eigs, seed=0):
+    """Dense symmetric matrix with the given spectrum and random eigenvectors."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigs)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return Q @ torch.diag(torch.as_tensor(eigs, dtype=torch.float64)) @ Q.T
+
+
+def _check_pairs(A, res, tol):
+    """Residuals recomputed from A; the converged mask agrees with them."""
+    U, theta = res.eigenvectors, res.eigenvalues
+    true_res = torch.linalg.vector_norm(A @ U - U * theta, dim=0)
+    assert torch.allclose(true_res, res.residuals, atol=1e-10 * res.norm_estimate)
+    assert torch.equal(res.converged, true_res <= tol * res.norm_estimate + 1e-13)
+    I = torch.eye(U.shape[1], dtype=torch.float64)
+    assert torch.allclose(U.T @ U, I, atol=1e-10)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "BE"])
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_extreme_eigenvalues_of_indefinite_matrix(which, k):
+    # |lambda_min| = 10 > lambda_max = 4: LA must still return the largest algebraic
+    eigs = torch.cat([torch.linspace(-10, 4, 200, dtype=torch.float64)])
+    A = _sym(eigs, seed=1)
+    res = lanczos(A, k=k, which=which, tol=1e-10, generator=_gen())
+    ev = torch.linalg.eigvalsh(A)
+    if which == "LA":
+        want = ev.flip(0)[:k]
+    elif which == "SA":
+        want = ev[:k]
+    else:
+        want = torch.cat([ev.flip(0)[: (k + 1) // 2], ev[: k // 2].flip(0)])
+    assert res.all_converged and res.status == "converged"
+    assert torch.allclose(res.eigenvalues, want, atol=1e-8)
+    _check_pairs(A, res, 1e-10)
+
+
+def test_repeated_top_eigenvalue_is_found_with_its_multiplicity():
+    eigs = torch.linspace(-1, 1, 150, dtype=torch.float64)
+    eigs[-4:] = 2.0  # multiplicity 4
+    A = _sym(eigs, seed=2)
+    res = lanczos(A, k=4, which="LA", tol=1e-10, generator=_gen())
+    assert torch.allclose(res.eigenvalues, torch.full((4,), 2.0, dtype=torch.float64))
+    _check_pairs(A, res, 1e-10)
+
+
+def test_thick_restart_converges_with_a_small_basis():
+    eigs = torch.linspace(0, 1, 400, dtype=torch.float64) ** 3
+    A = _sym(eigs, seed=3)
+    res = lanczos(
+        A, k=3, which="LA", tol=1e-9, max_basis=16, block_size=2, generator=_gen()
+    )
+    assert res.restarts > 0 and res.all_converged
+    assert torch.allclose(res.eigenvalues, eigs.flip(0)[:3], atol=1e-8)
+    _check_pairs(A, res, 1e-9)
+
+
+def test_budget_exhausted_flags_unconverged_pairs_honestly():
+    eigs = torch.linspace(0, 1, 400, dtype=torch.float64) ** 3
+    A = _sym(eigs, seed=3)
+    res = lanczos(
+        A, k=3, which="LA", tol=1e-12, max_hvps=12, block_size=3, generator=_gen()
+    )
+    assert res.status == "max_hvps" and res.hvps <= 12
+    assert not res.all_converged
+    _check_pairs(A, res, 1e-12)
+    assert res.certificate == ["residual" if c else "none" for c in res.converged]
+
+
+def test_callback_sees_states_and_can_stop():
+    A = _sym(torch.linspace(-1, 1, 100, dtype=torch.float64), seed=4)
+    seen = []
+
+    def cb(state):
+        assert isinstance(state, LanczosState)
+        seen.append(state.hvps)
+        return state.iteration >= 3
+
+    res = lanczos(A, k=1, callback=cb, generator=_gen())
+    assert res.status in ("stopped", "converged") and len(seen) == 3
+    assert seen == sorted(seen)
+
+
+def test_warm_start_from_exact_vectors_is_cheap():
+    eigs = torch.linspace(-1, 1, 300, dtype=torch.float64)
+    A = _sym(eigs, seed=5)
+    cold = lanczos(A, k=2, tol=1e-10, generator=_gen())
+    warm = lanczos(A, k=2, tol=1e-10, v0=cold.eigenvectors, generator=_gen())
+    assert warm.all_converged and warm.hvps < cold.hvps
+    assert torch.allclose(warm.eigenvalues, cold.eigenvalues, atol=1e-10)
+
+
+def test_warm_start_from_a_wrong_vector_still_finds_a_separated_top():
+    # v0 is an exact eigenvector, but of the second eigenvalue (a crossing the
+    # warm start did not see coming): the random guard column must find the top
+    eigs = torch.linspace(-1, 0.5, 300, dtype=torch.float64)
+    eigs[-1] = 2.0
+    A = _sym(eigs, seed=6)
+    _, V = torch.linalg.eigh(A)
+    res = lanczos(A, k=1, tol=1e-10, v0=V[:, -2], generator=_gen())
+    assert math.isclose(float(res.eigenvalues[0]), 2.0, abs_tol=1e-9)
+
+
+def test_small_operators_are_solved_densely():
+    A = torch.tensor([[2.0, 1.0], [1.0, -3.0]], dtype=torch.float64)
+    res = lanczos(A, k=1)
+    assert res.status == "converged"
+    assert math.isclose(float(res.eigenvalues[0]), float(torch.linalg.eigvalsh(A)[-1]))
+    res = lanczos(A, k=2, which="SA")
+    assert torch.allclose(res.eigenvalues, torch.linalg.eigvalsh(A))
+
+
+def test_zero_operator():
+    res = lanczos(lambda V: torch.zeros_like(V), k=2, n=100, generator=_gen())
+    assert res.all_converged
+    assert torch.equal(res.eigenvalues, torch.zeros(2, dtype=torch.float64))
+
+
+def test_bad_arguments():
+    A = _sym(torch.linspace(-1, 1, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="only n = 10"):
+        lanczos(A, k=11)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        lanczos(A, k=0)
+    with pytest.raises(ValueError, match="which"):
+        lanczos(A, k=1, which="LM")
+    with pytest.raises(ValueError, match=r"v0 must have shape \[n\]"):
+        lanczos(A, k=1, v0=torch.ones(9))
+    with pytest.raises(ValueError, match="pass n="):
+        lanczos(lambda V: V, k=1)
+    with pytest.raises(ValueError, match="square"):
+        lanczos(torch.ones(3, 4), k=1)
+    with pytest.raises(ValueError, match="matmat returned"):
+        solve(lambda V: V[:, :1], 50, 1)
+
+
+# --------------------------------------------------------------- on models
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eigsh_on_mlp_matches_dense(dtype):
+    model = mlp([6, 10, 4], seed=11, dtype=dtype)
+    X, y = data(41, 6, 4, seed=12, dtype=dtype)
+    H = dense_hessian(mlp([6, 10, 4], seed=11), mse_sum, X.double(), y.double())
+    ev = torch.linalg.eigvalsh(H)
+    for which, want in [("LA", ev.flip(0)[:3]), ("SA", ev[:3])]:
+        res = curvx.eigsh(model, mse_sum, (X, y), k=3, which=which, chunk_size=9)
+        assert res.all_converged
+        scale = float(ev.abs().max())
+        atol = 1e-9 * scale if dtype == torch.float64 else 1e-4 * scale
+        assert torch.allclose(res.eigenvalues, want, atol=atol)
+        assert res.eigenvectors.shape == (H.shape[0], 3)
+        # certificates against the float64 dense Hessian
+        R = H @ res.eigenvectors - res.eigenvectors * res.eigenvalues
+        assert (R.norm(dim=0) <= res.residuals + 1e-5 * scale).all()
+
+
+def test_eigsh_indefinite_hessian_largest_algebraic():
+    A = torch.diag(torch.tensor([1.0, -7.0, 0.5, -3.0, 2.0] * 12, dtype=torch.float64))
+    model = Quadratic(A, torch.zeros(60, dtype=torch.float64))
+    X = torch.zeros(4, 1, dtype=torch.float64)
+    res = curvx.eigsh(model, quadratic_loss(A), (X, X), k=2, which="LA")
+    assert torch.allclose(
+        res.eigenvalues, torch.tensor([2.0, 2.0], dtype=torch.float64)
+    )
+    res = curvx.eigsh(model, quadratic_loss(A), (X, X), k=1, which="SA")
+    assert math.isclose(float(res.eigenvalues[0]), -7.0, abs_tol=1e-10)
+
+
+def test_eigsh_repeated_eigenvalues_multi_output_linear():
+    # MSE summed over K outputs of a linear map: every eigenvalue repeats K times
+    K = 3
+    model = mlp([5, K], seed=0, bias=False)
+    X, y = data(50, 5, K, seed=3)
+    H = dense_hessian(model, mse_sum, X, y)
+    ev = torch.linalg.eigvalsh(H).flip(0)
+    assert torch.allclose(ev[:K], ev[0].expand(K), atol=1e-12)
+    res = curvx.eigsh(model, mse_sum, (X, y), k=K + 1, block_size=K + 2)
+    assert torch.allclose(res.eigenvalues, ev[: K + 1], atol=1e-9)
+
+
+def test_eigsh_bad_input():
+    model = mlp([3, 2])
+    X, y = data(5, 3, 2)
+    with pytest.raises(ValueError, match=r"k=9 is larger.*n = 8"):
+        curvx.eigsh(model, mse_sum, (X, y), k=9)
+    with pytest.raises(ValueError, match="which"):
+        curvx.eigsh(model, mse_sum, (X, y), k=1, which="XX")

@@ -1,0 +1,335 @@
+"""HessianOperator and hvp() against dense float64 Hessians (torch.func.hessian)."""
+
+import warnings
+
+import pytest
+import torch
+from _reference import data, dense_hessian, flat_params, mlp, mse_sum, tol
+from torch import nn
+
+import curvx
+from curvx.operators import HessianOperator, NonFiniteError
+
+EXACT = ["kept-graph", "rev-rev", "fwd-rev"]
+
+
+@pytest.mark.parametrize("method", EXACT)
+@pytest.mark.parametrize("chunk_size", [None, 7, 40])
+def test_hvp_matches_dense_float64(method, chunk_size):
+    model = mlp([4, 6, 3], seed=3)
+    X, y = data(23, 4, 3, seed=4)  # 23 = 7 + 7 + 7 + 2: an uneven last chunk
+    H = dense_hessian(model, mse_sum, X, y)
+    g = torch.Generator().manual_seed(5)
+    V = torch.randn(H.shape[0], 5, generator=g, dtype=torch.float64)
+    HV = curvx.hvp(model, mse_sum, (X, y), V, chunk_size=chunk_size, method=method)
+    assert HV.shape == V.shape and HV.dtype == V.dtype
+    assert torch.allclose(HV, H @ V, atol=tol(torch.float64, 1e3), rtol=0)
+
+
+def test_hvp_single_vector_and_iterable_batches():
+    model = mlp([3, 5, 2], seed=1)
+    X, y = data(19, 3, 2, seed=2)
+    H = dense_hessian(model, mse_sum, X, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator())
+    batches = [(X[:10], y[:10]), (X[10:17], y[10:17]), (X[17:], y[17:])]
+    hv = curvx.hvp(model, mse_sum, batches, v)
+    assert hv.shape == v.shape
+    assert torch.allclose(hv, H @ v, atol=1e-12)
+    # a one-shot generator is read once and kept
+    gen = ((X[i : i + 4], y[i : i + 4]) for i in range(0, 19, 4))
+    op = HessianOperator(model, mse_sum, gen)
+    assert torch.allclose(op.matvec(v), H @ v, atol=1e-12)
+    assert torch.allclose(op.matvec(v), H @ v, atol=1e-12)
+
+
+def test_dropping_the_last_chunk_would_be_wrong():
+    """Guards the weighting: a Hessian over 20 of 23 examples differs."""
+    model = mlp([4, 6, 3], seed=3)
+    X, y = data(23, 4, 3, seed=4)
+    H_full = dense_hessian(model, mse_sum, X, y)
+    H_part = dense_hessian(model, mse_sum, X[:20], y[:20])
+    v = torch.ones(H_full.shape[0], dtype=torch.float64)
+    hv = curvx.hvp(model, mse_sum, (X, y), v, chunk_size=10)
+    assert torch.allclose(hv, H_full @ v, atol=1e-12)
+    assert not torch.allclose(hv, H_part @ v, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_hvp_float32_close_to_float64_reference(method):
+    model64 = mlp([5, 8, 3], seed=7)
+    X, y = data(30, 5, 3, seed=8)
+    H = dense_hessian(model64, mse_sum, X, y)
+    model32 = mlp([5, 8, 3], seed=7, dtype=torch.float32)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator())
+    HV = curvx.hvp(model32, mse_sum, (X.float(), y.float()), V, method=method)
+    err = (HV - H @ V).norm() / (H @ V).norm()
+    assert err < 1e-5
+
+
+def test_finite_difference_path_is_close():
+    model = mlp([3, 4, 2], seed=2)
+    X, y = data(12, 3, 2)
+    H = dense_hessian(model, mse_sum, X, y)
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator())
+    HV = curvx.hvp(model, mse_sum, (X, y), V, method="finite-difference")
+    assert torch.allclose(HV, H @ V, atol=1e-5)
+
+
+class _TanhGrad(torch.autograd.Function):
+    """The tanh backward, as an op without a derivative (like a fused kernel)."""
+
+    @staticmethod
+    def forward(ctx, grad, out):
+        return grad * (1 - out**2)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("derivative for _TanhGrad is not implemented")
+
+
+class _NoHigherOrder(torch.autograd.Function):
+    """tanh without double backward and without forward-mode AD."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.tanh(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return _TanhGrad.apply(grad, out)
+
+
+class _OddTanhNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(3, 4).double()
+        self.l2 = nn.Linear(4, 2).double()
+
+    def forward(self, x, plain=False):
+        h = self.l1(x)
+        h = torch.tanh(h) if plain else _NoHigherOrder.apply(h)
+        return self.l2(h)
+
+
+def test_auto_falls_back_when_higher_order_ad_is_missing():
+    torch.manual_seed(0)
+    model = _OddTanhNet()
+    X, y = data(16, 3, 2)
+
+    class Plain(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x, plain=True)
+
+    H = dense_hessian(Plain(model), mse_sum, X, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator())
+    op = HessianOperator(model, mse_sum, (X, y))
+    with pytest.warns(curvx.CurvxWarning, match="falling back"):
+        hv = op.matvec(v)
+    assert op.method == "finite-difference"
+    assert torch.allclose(hv, H @ v, atol=1e-5)
+    # an explicit exact method raises instead of approximating silently
+    with pytest.raises(RuntimeError):
+        HessianOperator(model, mse_sum, (X, y), method="kept-graph").matvec(v)
+
+
+def test_auto_respects_graph_memory_cap():
+    model = mlp([4, 6, 3], seed=3)
+    X, y = data(23, 4, 3, seed=4)
+    H = dense_hessian(model, mse_sum, X, y)
+    v = torch.ones(H.shape[0], dtype=torch.float64)
+    op = HessianOperator(model, mse_sum, (X, y), graph_memory=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a memory cap is a choice, not a failure
+        hv = op.matvec(v)
+    assert op.method == "fwd-rev"
+    assert torch.allclose(hv, H @ v, atol=1e-12)
+    op = HessianOperator(model, mse_sum, (X, y))
+    op.matvec(v)
+    assert op.method == "kept-graph" and op.graph_bytes > 0
+
+
+def test_kept_graph_follows_parameter_updates():
+    model = mlp([3, 5, 2], seed=1)
+    X, y = data(19, 3, 2, seed=2)
+    op = HessianOperator(model, mse_sum, (X, y), method="kept-graph")
+    v = torch.ones(op.n, dtype=torch.float64)
+    op.matvec(v)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    opt.zero_grad()
+    mse_sum(model(X), y).backward()
+    opt.step()
+    H = dense_hessian(model, mse_sum, X, y)
+    assert torch.allclose(op.matvec(v), H @ v, atol=1e-12)
+    loss, grad = op.loss_and_grad()
+    assert torch.allclose(loss, mse_sum(model(X), y))
+
+
+def _bn_model(dropout=0.0):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 6),
+        nn.BatchNorm1d(6),
+        nn.Tanh(),
+        nn.Dropout(dropout),
+        nn.Linear(6, 2),
+    ).double()
+
+
+def _state(model):
+    return (
+        [m.training for m in model.modules()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        torch.get_rng_state(),
+    )
+
+
+def _assert_same_state(before, after):
+    assert before[0] == after[0]
+    for k in before[1]:
+        assert torch.equal(before[1][k], after[1][k]), k
+    for a, b in zip(before[2], after[2]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(before[3], after[3])
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_batchnorm_eval_policy_matches_eval_hessian_and_keeps_state(method):
+    model = _bn_model()
+    X, y = data(20, 4, 2)
+    model.train()
+    model(X)  # move the running stats away from their init
+    model[0].weight.grad = torch.full_like(model[0].weight, 3.0)
+    before = _state(model)
+    H = dense_hessian(model, mse_sum, X, y, train_mode=False)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator())
+    hv = curvx.hvp(model, mse_sum, (X, y), v, chunk_size=6, method=method)
+    assert torch.allclose(hv, H @ v, atol=1e-10)
+    _assert_same_state(before, _state(model))
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_batchnorm_train_policy_full_batch(method):
+    model = _bn_model()
+    X, y = data(20, 4, 2)
+    model.eval()
+    before = _state(model)
+    H = dense_hessian(model, mse_sum, X, y, train_mode=True)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator())
+    hv = curvx.hvp(model, mse_sum, (X, y), v, mode="train", method=method)
+    assert torch.allclose(hv, H @ v, atol=1e-10)
+    _assert_same_state(before, _state(model))  # still eval, stats untouched
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_dropout_train_policy_is_one_fixed_symmetric_operator(method):
+    model = _bn_model(dropout=0.5)
+    X, y = data(20, 4, 2)
+    before = _state(model)
+    op = HessianOperator(
+        model, mse_sum, (X, y), chunk_size=8, mode="train", method=method
+    )
+    V = torch.randn(op.n, 3, dtype=torch.float64, generator=torch.Generator())
+    H1 = V.T @ op.matmat(V)
+    H2 = V.T @ op.matmat(V)
+    assert torch.equal(H1, H2)  # the same masks in every product
+    assert torch.allclose(H1, H1.T, atol=1e-10)
+    _assert_same_state(before, _state(model))
+
+
+def test_eval_policy_turns_dropout_off():
+    model = _bn_model(dropout=0.5)
+    X, y = data(20, 4, 2)
+    model.eval()
+    H = dense_hessian(model, mse_sum, X, y)
+    model.train()
+    v = torch.ones(H.shape[0], dtype=torch.float64)
+    assert torch.allclose(curvx.hvp(model, mse_sum, (X, y), v), H @ v, atol=1e-10)
+    assert model.training
+
+
+def test_flat_order_is_named_parameters_order():
+    model = mlp([3, 4, 2], seed=0)
+    op = HessianOperator(model, mse_sum, data(5, 3, 2))
+    assert torch.equal(op.parameter_vector(), flat_params(model))
+    assert op.n == sum(p.numel() for p in model.parameters())
+
+
+def test_frozen_parameters_are_not_variables():
+    model = mlp([3, 4, 2], seed=0)
+    model[0].weight.requires_grad_(False)
+    X, y = data(9, 3, 2)
+    op = HessianOperator(model, mse_sum, (X, y))
+    assert op.n == 4 + 8 + 2
+    H = dense_hessian(model, mse_sum, X, y)
+    assert H.shape == (op.n, op.n)
+    v = torch.ones(op.n, dtype=torch.float64)
+    assert torch.allclose(op.matvec(v), H @ v, atol=1e-12)
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_non_scalar_loss_is_a_clear_error():
+    model = mlp([3, 4, 2])
+    X, y = data(9, 3, 2)
+    v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"scalar.*got Tensor\(shape=\[9, 2\]"):
+        curvx.hvp(model, lambda o, t: (o - t) ** 2, (X, y), v)
+
+
+def test_model_without_trainable_parameters():
+    model = mlp([3, 2])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        HessianOperator(model, mse_sum, data(4, 3, 2))
+
+
+def test_wrong_shape_V():
+    model = mlp([3, 2])  # n = 8
+    op = HessianOperator(model, mse_sum, data(4, 3, 2))
+    with pytest.raises(ValueError, match=r"n = 8.*got shape \[7, 2\]"):
+        op.matmat(torch.ones(7, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n = 8"):
+        curvx.hvp(model, mse_sum, data(4, 3, 2), torch.ones(2, 8, 1))
+
+
+def test_data_on_another_device():
+    model = mlp([3, 2])
+    X, y = data(4, 3, 2)
+    with pytest.raises(ValueError, match="data batch 0 is on meta.*cpu"):
+        HessianOperator(model, mse_sum, (X.to("meta"), y.to("meta")))
+
+
+def test_malformed_data():
+    model = mlp([3, 2])
+    X, y = data(4, 3, 2)
+    with pytest.raises(ValueError, match="X has 4, y has 3"):
+        HessianOperator(model, mse_sum, (X, y[:3]))
+    with pytest.raises(TypeError, match=r"\(X, y\) pair"):
+        HessianOperator(model, mse_sum, [X])
+    with pytest.raises(ValueError, match="empty iterable"):
+        HessianOperator(model, mse_sum, [])
+    with pytest.raises(ValueError, match="chunk_size"):
+        HessianOperator(model, mse_sum, (X, y), chunk_size=0)
+    with pytest.raises(ValueError, match="method"):
+        HessianOperator(model, mse_sum, (X, y), method="magic")
+    with pytest.raises(ValueError, match="mode"):
+        HessianOperator(model, mse_sum, (X, y), mode="inference")
+
+
+def test_nonfinite_product_raises():
+    model = mlp([3, 2])
+    X, y = data(4, 3, 2)
+    X[0, 0] = float("nan")
+    op = HessianOperator(model, mse_sum, (X, y))
+    with pytest.raises(NonFiniteError):
+        op.matvec(torch.ones(op.n, dtype=torch.float64))

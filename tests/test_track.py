@@ -1,0 +1,172 @@
+"""The tracker: warm-started solves that match cold dense ones, and leave no trace."""
+
+import json
+import math
+
+import pytest
+import torch
+from _reference import data, dense_hessian, mlp, mse_sum
+from torch import nn
+
+import curvx
+
+FIELDS = {
+    "step",
+    "lr",
+    "loss",
+    "sharpness",
+    "eigenvalues",
+    "residuals",
+    "converged",
+    "lambda_min",
+    "rotation_top1",
+    "subspace_similarity",
+    "max_principal_angle",
+    "hvps",
+    "track_seconds",
+    "status",
+    "method",
+    "warm_start",
+    "iterations",
+}
+
+
+def _gd(model, X, y, lr, steps, tracker, check):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    records = []
+    for t in range(steps):
+        opt.zero_grad()
+        mse_sum(model(X), y).backward()
+        rec = tracker.step(step=t, lr=lr)
+        check(t, rec)
+        records.append(rec)
+        opt.step()
+    return records
+
+
+def test_every_tracked_step_matches_a_cold_dense_solve():
+    model = mlp([5, 12, 3], seed=21)
+    X, y = data(40, 5, 3, seed=22)
+    tracker = curvx.track(model, mse_sum, (X, y), k=3, lambda_min=True, chunk_size=15)
+
+    def check(t, rec):
+        ev = torch.linalg.eigvalsh(dense_hessian(model, mse_sum, X, y))
+        scale = float(ev.abs().max())
+        assert rec.status == "ok" and all(rec.converged)
+        assert rec.warm_start == (t > 0)
+        assert torch.allclose(
+            torch.tensor(rec.eigenvalues, dtype=torch.float64),
+            ev.flip(0)[:3],
+            atol=1e-7 * scale,
+        )
+        assert math.isclose(rec.lambda_min, float(ev[0]), abs_tol=1e-7 * scale)
+        assert rec.sharpness == rec.eigenvalues[0]
+        assert rec.hvps > 0 and rec.track_seconds > 0
+
+    recs = _gd(model, X, y, lr=0.4, steps=8, tracker=tracker, check=check)
+    assert recs[0].rotation_top1 is None and recs[1].rotation_top1 is not None
+    for r in recs[1:]:
+        assert 0.0 <= r.rotation_top1 <= 1.0 + 1e-12
+        assert 0.0 <= r.subspace_similarity <= 1.0 + 1e-12
+    d = recs[-1].as_dict()
+    assert FIELDS <= set(d)
+    json.dumps(d, allow_nan=False)
+
+
+def test_warm_start_spends_fewer_products_than_cold():
+    model = mlp([5, 12, 3], seed=21)
+    X, y = data(40, 5, 3, seed=22)
+    tracker = curvx.track(model, mse_sum, (X, y), k=2)
+    first = tracker.step().hvps
+    later = [tracker.step().hvps for _ in range(3)]  # same parameters
+    assert max(later) < first
+
+
+def _bn_dropout_model():
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Linear(4, 16),
+        nn.BatchNorm1d(16),
+        nn.Tanh(),
+        nn.Dropout(0.3),
+        nn.Linear(16, 2),
+    ).double()
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_tracking_does_not_disturb_training(mode):
+    model = _bn_dropout_model()
+    X, y = data(30, 4, 2)
+    model.train()
+    model(X)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tracker = curvx.track(model, mse_sum, (X, y), k=2, mode=mode, chunk_size=10)
+    for _ in range(3):
+        torch.manual_seed(0)
+        opt.zero_grad()
+        mse_sum(model(X), y).backward()
+        before = (
+            [m.training for m in model.modules()],
+            {k: v.clone() for k, v in model.state_dict().items()},
+            [p.grad.clone() for p in model.parameters()],
+            torch.get_rng_state(),
+        )
+        rec = tracker.step()
+        assert rec.status == "ok"
+        assert before[0] == [m.training for m in model.modules()]
+        for k, v in model.state_dict().items():
+            assert torch.equal(before[1][k], v), k
+        for g, p in zip(before[2], model.parameters()):
+            assert torch.equal(g, p.grad)
+        assert torch.equal(before[3], torch.get_rng_state())
+        opt.step()
+    assert tracker.policy["mode"] == mode
+
+
+def test_tracking_is_reproducible_with_its_private_seed():
+    model = mlp([5, 8, 3], seed=1)
+    X, y = data(20, 5, 3)
+    a = curvx.track(model, mse_sum, (X, y), k=2, seed=7)
+    b = curvx.track(model, mse_sum, (X, y), k=2, seed=7)
+    torch.manual_seed(123)
+    ra = a.step()
+    torch.manual_seed(456)  # the global RNG plays no part
+    rb = b.step()
+    assert ra.eigenvalues == rb.eigenvalues and ra.hvps == rb.hvps
+
+
+def test_nan_loss_is_reported_not_raised():
+    model = mlp([3, 6, 2], seed=0)
+    X, y = data(12, 3, 2)
+    tracker = curvx.track(model, mse_sum, (X, y), k=1)
+    assert tracker.step(step=0).status == "ok"
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    rec = tracker.step(step=1, lr=0.1)
+    assert rec.status == "nonfinite" and rec.sharpness is None
+    d = rec.as_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["loss"] is None and "loss" in d["message"]
+    with torch.no_grad():
+        model[0].weight[0, 0] = 0.1
+    assert tracker.step(step=2).status == "ok"
+
+
+def test_lambda_min_on_indefinite_hessian():
+    model = mlp([4, 10, 1], seed=5)
+    X, y = data(25, 4, 1, seed=6)
+    ev = torch.linalg.eigvalsh(dense_hessian(model, mse_sum, X, y))
+    assert ev[0] < 0 < ev[-1]
+    rec = curvx.track(model, mse_sum, (X, y), k=1, lambda_min=True).step()
+    assert math.isclose(rec.lambda_min, float(ev[0]), rel_tol=1e-7)
+    assert math.isclose(rec.sharpness, float(ev[-1]), rel_tol=1e-7)
+    assert rec.lambda_min_converged
+
+
+def test_bad_tracker_arguments():
+    model = mlp([3, 2])  # n = 8
+    X, y = data(5, 3, 2)
+    with pytest.raises(ValueError, match=r"k=8 \+ 1 \(lambda_min\).*n = 8"):
+        curvx.track(model, mse_sum, (X, y), k=8, lambda_min=True)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        curvx.track(model, mse_sum, (X, y), k=0)
