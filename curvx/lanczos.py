@@ -123,7 +123,12 @@ class EigResult:
 
 @dataclass
 class LanczosState:
-    """Read-only view handed to the callback after each block step."""
+    """Read-only view handed to the callback after each block step.
+
+    ``residuals`` are the recurrence's estimates ``||B_j y_last||`` unless the
+    explicit residuals were computed at that step (when the estimates met the
+    tolerance); ``converged`` follows them.
+    """
 
     iteration: int
     hvps: int
@@ -456,16 +461,22 @@ def solve(
             W, Q[:, :cols], 1e-12 * max(norm_est, 1e-300), generator
         )
 
-        # 6. Certificates: explicit residuals of the wanted Ritz pairs
+        # 6. Convergence: the recurrence's residual estimate ||B_j Y_last|| first,
+        #    then the explicit residual ||H u - theta u|| (from the stored H Q),
+        #    which alone decides
         enough = T.shape[0] >= k_total
         top, bottom = _select(theta, k_top, k_bottom)
         wanted = torch.cat([top, bottom])
-        U = Q[:, :cols] @ Y[:, wanted]
-        HU = HQ[:, :cols] @ Y[:, wanted]
-        res = torch.linalg.vector_norm(HU - U * theta[wanted], dim=0)
         thresh = tol * norm_est + atol
+        res = torch.linalg.vector_norm(B @ Y[-b:, wanted], dim=0)
         conv = res <= thresh
-        done = enough and bool(conv.all()) and iterations >= min_iterations
+        done = False
+        if enough and iterations >= min_iterations and bool(conv.all()):
+            U = Q[:, :cols] @ Y[:, wanted]
+            HU = HQ[:, :cols] @ Y[:, wanted]
+            res = torch.linalg.vector_norm(HU - U * theta[wanted], dim=0)
+            conv = res <= thresh
+            done = bool(conv.all())
         if callback is not None:
             state = LanczosState(
                 iteration=iterations,

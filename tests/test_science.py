@@ -17,7 +17,7 @@ def _run(model, loss_fn, X, y, lr, steps, k=1, **kw):
         if not torch.isfinite(loss):
             break
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         recs.append(tracker.step(step=t, lr=lr))
         opt.step()
     return recs, losses
@@ -78,7 +78,7 @@ def test_uv_catapult():
         opt.zero_grad()
         loss = uv_loss(model(X), y)
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         rec = tracker.step(step=t, lr=eta)
         sharp.append(rec.sharpness)
         if rec.rotation_top1 is not None:

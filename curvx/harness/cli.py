@@ -28,10 +28,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_K", "DEFAULT_LR", "DEFAULT_STEPS", "build_parser", "main"]
 
-#: Default learning rate of ``curvx train``.
+#: Default learning rate of ``curvx train``: at the fc-tanh init on the Fashion-MNIST
+#: 5k subset the sharpness is ~38 < 2/lr = 40; progressive sharpening reaches 2/lr
+#: near step 110 and GD then stays at the edge of stability.
 DEFAULT_LR = 0.05
 #: Default number of optimizer updates of ``curvx train``.
-DEFAULT_STEPS = 400
+DEFAULT_STEPS = 300
 #: Default number of tracked top eigenpairs.
 DEFAULT_K = 2
 #: Default test-evaluation interval in steps.
