@@ -188,9 +188,13 @@ def _next_block(
 
     # Second pass (CholeskyQR2): restore orthonormality, fold the factor into B
     if rank:
-        L = torch.linalg.cholesky(U.T @ U)
-        U = torch.linalg.solve_triangular(L, U.T, upper=False).T
-        B[:rank] = L.T @ B[:rank]
+        L, info = torch.linalg.cholesky_ex(U.T @ U)
+        if int(info) == 0:
+            U = torch.linalg.solve_triangular(L, U.T, upper=False).T
+            B[:rank] = L.T @ B[:rank]
+        else:  # not positive definite in floating point: Householder instead
+            U, R = torch.linalg.qr(U)
+            B[:rank] = R @ B[:rank]
     if rank == b:
         return U, B
 

@@ -330,7 +330,13 @@ class HessianOperator:
         return self.chunks[c][2] / self.num_examples
 
     def _params_key(self) -> tuple:
-        return tuple((p._version, p.data_ptr()) for p in self.params)
+        """Changes whenever a parameter or a data tensor is modified or replaced."""
+        key = [(p._version, p.data_ptr()) for p in self.params]
+        for inputs, target, _ in self.chunks:
+            for t in (*inputs, target):
+                if isinstance(t, Tensor):
+                    key.append((t._version, t.data_ptr()))
+        return tuple(key)
 
     # ------------------------------------------------------- loss and gradient
 

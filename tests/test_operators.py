@@ -333,3 +333,59 @@ def test_nonfinite_product_raises():
     op = HessianOperator(model, mse_sum, (X, y))
     with pytest.raises(NonFiniteError):
         op.matvec(torch.ones(op.n, dtype=torch.float64))
+
+
+class _Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(3, 2).double()
+        self.unused = nn.Linear(3, 2).double()
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_unused_parameters_have_zero_rows(method):
+    torch.manual_seed(0)
+    model = _Unused()
+    X, y = data(10, 3, 2)
+    H = dense_hessian(model, mse_sum, X, y)
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator())
+    HV = curvx.hvp(model, mse_sum, (X, y), V, method=method)
+    assert torch.allclose(HV, H @ V, atol=1e-12)
+    assert torch.equal(HV[8:], torch.zeros_like(HV[8:]))
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 3, bias=False).double()
+        self.dec = nn.Linear(3, 4, bias=False).double()
+        self.dec.weight = self.enc.weight  # shared: transposed use below
+
+    def forward(self, x):
+        return torch.tanh(x @ self.enc.weight.T) @ self.dec.weight
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_tied_weights_count_once(method):
+    torch.manual_seed(0)
+    model = _Tied()
+    X, y = data(10, 4, 4)
+    op = HessianOperator(model, mse_sum, (X, y), method=method)
+    assert op.n == 12
+    H = dense_hessian(model, mse_sum, X, y)
+    V = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator())
+    assert torch.allclose(op.matmat(V), H @ V, atol=1e-12)
+
+
+def test_kept_graph_follows_in_place_data_changes():
+    model = mlp([3, 5, 2], seed=1)
+    X, y = data(19, 3, 2, seed=2)
+    op = HessianOperator(model, mse_sum, (X, y), method="kept-graph")
+    v = torch.ones(op.n, dtype=torch.float64)
+    op.matvec(v)
+    X.mul_(2.0)  # e.g. a user's in-place preprocessing between steps
+    H = dense_hessian(model, mse_sum, X, y)
+    assert torch.allclose(op.matvec(v), H @ v, atol=1e-12)
