@@ -368,6 +368,14 @@ def solve(
         if device is None:
             device = v0.device
     device = torch.device(device if device is not None else "cpu")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+    if max_hvps is not None and (not isinstance(max_hvps, int) or max_hvps < 1):
+        raise ValueError(f"max_hvps must be a positive int; got {max_hvps!r}")
+    if not isinstance(min_iterations, int) or min_iterations < 1:
+        raise ValueError(
+            f"min_iterations must be a positive int; got {min_iterations!r}"
+        )
     b = block_size if block_size is not None else k_total + 1
     if v0 is not None:
         b = max(b, v0.shape[1])

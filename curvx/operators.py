@@ -108,26 +108,34 @@ def _make_chunks(
     if (
         isinstance(data, (tuple, list))
         and len(data) == 2
-        and isinstance(data[0], Tensor)
         and isinstance(data[1], Tensor)
+        and (
+            isinstance(data[0], Tensor)
+            or (
+                isinstance(data[0], (tuple, list))
+                and data[0]
+                and all(isinstance(t, Tensor) for t in data[0])
+            )
+        )
     ):
-        X, y = data
-        if X.dim() == 0 or y.dim() == 0:
+        inputs, y = _as_inputs(data[0]), data[1]
+        if any(t.dim() == 0 for t in inputs) or y.dim() == 0:
             raise ValueError(
                 "data=(X, y) needs X and y with a leading example dimension; got "
-                f"X {_describe(X)}, y {_describe(y)}"
+                f"X {[_describe(t) for t in inputs]}, y {_describe(y)}"
             )
-        if X.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"data=(X, y) disagree on the number of examples: X has {X.shape[0]}, "
-                f"y has {y.shape[0]}"
-            )
-        N = X.shape[0]
+        N = y.shape[0]
+        for t in inputs:
+            if t.shape[0] != N:
+                raise ValueError(
+                    "data=(X, y) disagree on the number of examples: X has "
+                    f"{t.shape[0]}, y has {N}"
+                )
         if N == 0:
             raise ValueError("data=(X, y) holds no examples")
         size = N if chunk_size is None else chunk_size
         return [
-            ((X[i : i + size],), y[i : i + size], min(size, N - i))
+            (tuple(t[i : i + size] for t in inputs), y[i : i + size], min(size, N - i))
             for i in range(0, N, size)
         ]
     if isinstance(data, Tensor) or not isinstance(data, Iterable):
@@ -219,6 +227,12 @@ class HessianOperator:
                 f"trainable parameters must be floating point; got {self.dtype}"
             )
         self.device = next(iter(devices))
+        if self.device.type == "meta":
+            raise ValueError(
+                "model's parameters are on the meta device (shapes only, no values); "
+                "materialize the model (e.g. model.to_empty(device=...) and load "
+                "weights) first"
+            )
         self.model = model
         self.loss_fn = loss_fn
         self.names = [name for name, _ in named]
@@ -241,6 +255,7 @@ class HessianOperator:
         self._graph_key: tuple | None = None
         self._graph_loss: Tensor | None = None
         self._graph_grad: Tensor | None = None
+        self._snapshot: list[Tensor] = []
 
     # ------------------------------------------------------------------ layout
 
@@ -286,6 +301,13 @@ class HessianOperator:
                     raise ValueError(
                         f"data batch {i} is on {t.device} but the model's parameters "
                         f"are on {self.device}; move the data (or the model) first"
+                    )
+            for t in inputs:
+                if t.is_floating_point() and t.dtype != self.dtype:
+                    raise TypeError(
+                        f"data batch {i} has inputs of dtype {t.dtype} but the "
+                        f"model's parameters are {self.dtype}; convert one of them "
+                        f"(e.g. X.to({self.dtype}))"
                     )
 
     @contextlib.contextmanager
@@ -369,12 +391,25 @@ class HessianOperator:
 
     # ---------------------------------------------------------- kept graph
 
+    def _graph_is_current(self) -> bool:
+        """The kept graph describes the current parameters and data.
+
+        Version counters catch in-place updates; the value snapshot also catches
+        writes through ``p.data``, which bypass them.
+        """
+        if self._graph is None or self._params_key() != self._graph_key:
+            return False
+        return all(
+            torch.equal(p.detach(), s) for p, s in zip(self.params, self._snapshot)
+        )
+
     def _ensure_graph(self) -> None:
-        key = self._params_key()
-        if self._graph is not None and key == self._graph_key:
+        if self._graph_is_current():
             return
+        key = self._params_key()
         self._graph = None
-        leaves = [p.detach().requires_grad_() for p in self.params]
+        # Leaves are copies: writes through p.data must not reach the saved graph
+        leaves = [p.detach().clone().requires_grad_() for p in self.params]
         pd = dict(zip(self.names, leaves))
         seen: dict[tuple, int] = {}
 
@@ -410,6 +445,7 @@ class HessianOperator:
                     )
         self.graph_bytes = sum(seen.values())
         self._graph, self._leaves, self._graph_key = graph, leaves, key
+        self._snapshot = [p.detach().clone() for p in self.params]
         self._graph_loss, self._graph_grad = total, grad
 
     def release(self) -> None:
@@ -533,10 +569,33 @@ class HessianOperator:
     }
     _CHAIN = ("kept-graph", "rev-rev", "fwd-rev", "finite-difference")
 
+    def _first_order_error(self) -> BaseException | None:
+        """The error of a plain loss + gradient on the first chunk, if any.
+
+        A failure there is the user's (a shape or dtype mismatch, a bad loss),
+        not a missing higher-order derivative: it must not start the fallbacks.
+        """
+        leaves = [p.detach().requires_grad_() for p in self.params]
+        try:
+            with self._guard(), torch.enable_grad():
+                loss = self._chunk_loss(dict(zip(self.names, leaves)), 0)
+                torch.autograd.grad(loss, leaves, allow_unused=True)
+        except Exception as err:  # noqa: BLE001 - reported to the caller
+            return err
+        return None
+
     def _fallback(self, failed: str, err: BaseException) -> None:
         """Move ``self.method`` past ``failed`` in the fallback chain."""
         if isinstance(err, (ValueError, TypeError, NonFiniteError)):
             raise err
+        if not isinstance(err, MemoryError):
+            first = self._first_order_error()
+            if first is not None:
+                raise RuntimeError(
+                    "loss_fn(model(X), y) and its gradient fail on the first batch "
+                    f"({type(first).__name__}: {first}); this is not a missing "
+                    "higher-order derivative"
+                ) from first
         nxt = self._CHAIN[self._CHAIN.index(failed) + 1]
         if isinstance(err, MemoryError) and failed == "kept-graph":
             nxt = "fwd-rev"  # a memory-light path

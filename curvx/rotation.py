@@ -156,24 +156,55 @@ def top1_cosine(
     return math.cos(float(angles[0]))
 
 
-def match(prev_vectors: Tensor, vectors: Tensor) -> list[tuple[int, int, float]]:
+def match(
+    prev_vectors: Tensor,
+    vectors: Tensor,
+    prev_groups: list[list[int]] | None = None,
+    groups: list[list[int]] | None = None,
+    count: int | None = None,
+) -> list[tuple[int, int, float]]:
     """Match eigenvectors across two steps by overlap, not by index.
 
-    Greedy on ``|<u_i, w_j>|``: the largest overlap first. Returns
-    ``(i_prev, j_new, |cos|)`` triples, one per matched pair.
+    The overlap of ``u_i`` and ``w_j`` is ``|<u_i, w_j>|``, or, when either lies
+    in a cluster (``prev_groups`` / ``groups``: index groups from
+    :func:`clusters`), the cosine of the smallest principal angle between the
+    two cluster subspaces: vectors inside a cluster are arbitrary, so only the
+    cluster is compared. Greedy: the largest overlap first.
+
+    Args:
+        prev_vectors, vectors: ``[n, r0]``, ``[n, r1]``.
+        prev_groups, groups: cluster index groups (default: singletons).
+        count: match only the first ``count`` vectors of each side.
+
+    Returns:
+        ``(i_prev, j_new, overlap)`` triples, one per matched pair, sorted by
+        ``i_prev``.
     """
     P, W = _check_basis("prev_vectors", prev_vectors), _check_basis("vectors", vectors)
-    O = (P.T @ W).abs().cpu()
+    r0 = P.shape[1] if count is None else min(count, P.shape[1])
+    r1 = W.shape[1] if count is None else min(count, W.shape[1])
+    g0 = {i: g for g in (prev_groups or [[i] for i in range(P.shape[1])]) for i in g}
+    g1 = {j: g for g in (groups or [[j] for j in range(W.shape[1])]) for j in g}
+    O = torch.empty(r0, r1, dtype=torch.float64)
+    for i in range(r0):
+        for j in range(r1):
+            a, b = g0.get(i, [i]), g1.get(j, [j])
+            if len(a) == 1 and len(b) == 1:
+                O[i, j] = float((P[:, i] @ W[:, j]).abs())
+            else:
+                O[i, j] = math.cos(float(principal_angles(P[:, a], W[:, b])[0]))
     pairs = []
-    while O.numel() and float(O.max()) >= 0:
+    while len(pairs) < min(r0, r1):
         flat = int(torch.argmax(O))
         i, j = divmod(flat, O.shape[1])
         pairs.append((i, j, float(O[i, j])))
         O[i, :] = -1.0
         O[:, j] = -1.0
-        if len(pairs) == min(P.shape[1], W.shape[1]):
-            break
     return sorted(pairs)
+
+
+def _head(x: Tensor | None, n: int) -> Tensor | None:
+    return None if x is None else x[:n]
 
 
 def compare(
@@ -199,12 +230,19 @@ def compare(
         ``rotation_top1`` (cluster-aware ``|cos|``), ``subspace_similarity``
         (cos of rms principal angle between the top-k subspaces, each extended to
         the end of a cluster cut at k), ``max_principal_angle`` (radians),
-        ``matching`` (``[i_prev, j_new, |cos|]`` for the top-k vectors).
+        ``matching`` (``[i_prev, j_new, overlap]`` for the top-k vectors, the
+        overlap cluster-aware as in :func:`match`).
     """
     k0 = cluster_extent(prev_values, k, rtol, prev_residuals)
     k1 = cluster_extent(values, k, rtol, residuals)
     angles = principal_angles(prev_vectors[:, :k0], vectors[:, :k1])
-    pairs = match(prev_vectors[:, :k], vectors[:, :k])
+    pairs = match(
+        prev_vectors[:, :k0],
+        vectors[:, :k1],
+        clusters(prev_values[:k0], rtol, _head(prev_residuals, k0)),
+        clusters(values[:k1], rtol, _head(residuals, k1)),
+        count=k,
+    )
     return {
         "rotation_top1": top1_cosine(
             prev_values, prev_vectors, values, vectors, rtol, prev_residuals, residuals

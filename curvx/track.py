@@ -78,13 +78,14 @@ class TrackRecord:
         max_principal_angle: largest principal angle (radians) between them.
         reference_similarity: subspace similarity to the reference step (the
             first evaluation, or the one pinned with :meth:`Tracker.pin_reference`).
-        matching: ``[i_prev, j_new, |cos|]``: top-k vectors matched by overlap.
+        matching: ``[i_prev, j_new, overlap]``: top-k vectors matched by overlap
+            (inside a cluster, the overlap of the cluster subspaces).
         hvps: Hessian-vector products (vectors) spent on this evaluation.
         iterations, restarts: block Lanczos steps and thick restarts.
         track_seconds: wall time of this evaluation.
-        status: ``"ok"``, ``"unconverged"`` (some pair missed the tolerance),
-            ``"nonfinite"`` (NaN/inf loss or products: no eigenvalues) or
-            ``"error"`` (see ``message``).
+        status: ``"ok"``, ``"unconverged"`` (some pair missed the tolerance) or
+            ``"nonfinite"`` (NaN/inf loss or products: no eigenvalues; see
+            ``message``). Other errors (a bug in the model, say) are raised.
         solver_status: the solver's own status.
         method: the HVP path used.
         warm_start: whether the solve started from the previous vectors.
@@ -194,7 +195,7 @@ class Tracker:
         self.evaluations = 0
         self._prev: EigResult | None = None
         self._prev_bottom: EigResult | None = None
-        self._reference: Tensor | None = None
+        self._reference: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
     def policy(self) -> dict[str, Any]:
@@ -212,7 +213,13 @@ class Tracker:
     def pin_reference(self) -> None:
         """Use the most recent top-k subspace as the reference for later steps."""
         if self._prev is not None:
-            self._reference = self._prev.eigenvectors.clone()
+            self._reference = self._certified_top(self._prev)
+
+    def _similarity(self, a: tuple, b: tuple) -> float:
+        """Cluster-aware top-k subspace similarity of two certified sets."""
+        ka = rotation.cluster_extent(a[0], self.k, self.cluster_rtol, a[2])
+        kb = rotation.cluster_extent(b[0], self.k, self.cluster_rtol, b[2])
+        return rotation.subspace_similarity(a[1][:, :ka], b[1][:, :kb])
 
     def reset(self) -> None:
         """Forget the warm-start state (the next step is a cold solve)."""
@@ -250,6 +257,8 @@ class Tracker:
         Call it whenever the parameters should be measured (typically once per
         training step). Never raises for a non-finite loss: the record says so.
         """
+        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr must be a positive number or None; got {lr!r}")
         t0 = time.perf_counter()
         op = self.operator
         hv0 = op.hvp_count
@@ -315,11 +324,10 @@ class Tracker:
             rec.subspace_similarity = cmp["subspace_similarity"]
             rec.max_principal_angle = cmp["max_principal_angle"]
             rec.matching = cmp["matching"]
+        certified = self._certified_top(top)
         if self._reference is None:
-            self._reference = top.eigenvectors.clone()
-        rec.reference_similarity = rotation.subspace_similarity(
-            self._reference, top.eigenvectors
-        )
+            self._reference = certified
+        rec.reference_similarity = self._similarity(self._reference, certified)
         self._prev, self._prev_bottom = top, bottom
         return self._close(rec, t0, hv0)
 

@@ -122,6 +122,12 @@ def test_fashion_mnist_missing_names_paths_and_remedy(tmp_path, monkeypatch):
     assert "train-images-idx3-ubyte" in msg
 
 
+def test_explicit_data_dir_is_never_replaced_by_the_system_copy(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="empty"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "empty")
+
+
 def test_digits_split_and_clipping():
     bundle = load_dataset("digits", n_test=None)
     assert len(bundle.train) == 1500 and len(bundle.test) == 297

@@ -202,3 +202,15 @@ def test_eigsh_bad_input():
         curvx.eigsh(model, mse_sum, (X, y), k=9)
     with pytest.raises(ValueError, match="which"):
         curvx.eigsh(model, mse_sum, (X, y), k=1, which="XX")
+
+
+def test_bad_solver_settings():
+    A = _sym(torch.linspace(-1, 1, 60, dtype=torch.float64))
+    for kw, msg in [
+        ({"max_hvps": 0}, "max_hvps"),
+        ({"max_hvps": -5}, "max_hvps"),
+        ({"block_size": 0}, "block_size"),
+        ({"min_iterations": 0}, "min_iterations"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            lanczos(A, k=1, **kw)

@@ -389,3 +389,61 @@ def test_kept_graph_follows_in_place_data_changes():
     X.mul_(2.0)  # e.g. a user's in-place preprocessing between steps
     H = dense_hessian(model, mse_sum, X, y)
     assert torch.allclose(op.matvec(v), H @ v, atol=1e-12)
+
+
+def test_writes_through_data_rebuild_the_kept_graph():
+    """``p.data.add_`` bypasses version counters; the value snapshot sees it."""
+    model = mlp([3, 5, 2], seed=1)
+    X, y = data(19, 3, 2, seed=2)
+    op = HessianOperator(model, mse_sum, (X, y), method="kept-graph")
+    v = torch.ones(op.n, dtype=torch.float64)
+    op.matvec(v)
+    for p in model.parameters():
+        p.data.add_(0.1)
+    H = dense_hessian(model, mse_sum, X, y)
+    assert torch.allclose(op.matvec(v), H @ v, atol=1e-12)
+    loss, _ = op.loss_and_grad()
+    assert torch.allclose(loss, mse_sum(model(X), y))
+
+
+def test_dtype_mismatch_is_named_not_a_fallback():
+    model = mlp([3, 4, 2], dtype=torch.float32)
+    X, y = data(6, 3, 2)  # float64
+    with pytest.raises(TypeError, match="dtype torch.float64.*torch.float32"):
+        HessianOperator(model, mse_sum, (X, y))
+
+
+def test_user_errors_do_not_start_the_fallback_chain():
+    model = mlp([3, 4, 2])
+    X, y = data(6, 3, 2)
+    op = HessianOperator(model, mse_sum, (X, y[:, :1].expand(6, 3).contiguous()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", curvx.CurvxWarning)
+        with pytest.raises(RuntimeError, match="fail on the first batch"):
+            op.matvec(torch.ones(op.n, dtype=torch.float64))
+
+
+def test_meta_model_is_a_clear_error():
+    model = mlp([3, 2]).to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        HessianOperator(model, mse_sum, data(4, 3, 2))
+
+
+def test_tuple_inputs_in_the_pair_form():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 2).double()
+            self.b = nn.Linear(2, 2).double()
+
+        def forward(self, x1, x2):
+            return torch.tanh(self.a(x1)) * self.b(x2)
+
+    torch.manual_seed(0)
+    model = Two()
+    X1, y = data(11, 3, 2)
+    X2 = torch.randn(11, 2, dtype=torch.float64)
+    full = HessianOperator(model, mse_sum, [((X1, X2), y)])
+    chunked = HessianOperator(model, mse_sum, ((X1, X2), y), chunk_size=4)
+    V = torch.randn(full.n, 2, dtype=torch.float64, generator=torch.Generator())
+    assert torch.allclose(full.matmat(V), chunked.matmat(V), atol=1e-12)

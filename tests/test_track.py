@@ -170,3 +170,28 @@ def test_bad_tracker_arguments():
         curvx.track(model, mse_sum, (X, y), k=8, lambda_min=True)
     with pytest.raises(ValueError, match="k must be a positive int"):
         curvx.track(model, mse_sum, (X, y), k=0)
+
+
+def test_no_rotation_fields_inside_a_large_cluster():
+    """Depth-1 least squares with 10 outputs: every eigenvalue repeats 10 times."""
+    X, y = data(60, 6, 10, seed=10)
+    model = mlp([6, 10], seed=0)
+    tracker = curvx.track(model, mse_sum, (X, y), k=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for t in range(6):
+        opt.zero_grad()
+        mse_sum(model(X), y).backward()
+        rec = tracker.step(step=t)
+        opt.step()
+        assert rec.reference_similarity == pytest.approx(1.0, abs=1e-9)
+        if t:
+            assert rec.rotation_top1 == pytest.approx(1.0, abs=1e-9)
+            assert rec.subspace_similarity == pytest.approx(1.0, abs=1e-9)
+            assert all(c == pytest.approx(1.0, abs=1e-9) for _, _, c in rec.matching)
+
+
+def test_lr_must_be_positive():
+    model = mlp([3, 2])
+    tracker = curvx.track(model, mse_sum, data(5, 3, 2), k=1)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        tracker.step(lr=-1.0)

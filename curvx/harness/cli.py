@@ -100,9 +100,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument(
         "--data-dir",
         default=None,
-        help="folder searched first for dataset files (fashion-mnist: then "
-        "/usr/share/datasets/fashion-mnist; cifar10: this folder or its "
-        "cifar-10-batches-py)",
+        help="folder holding the dataset files (fashion-mnist: the four IDX files, "
+        "default /usr/share/datasets/fashion-mnist; cifar10: the python batches "
+        "here or in its cifar-10-batches-py)",
     )
     g.add_argument(
         "--n-train",

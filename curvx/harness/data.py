@@ -169,7 +169,8 @@ def _fashion_candidates(data_dir: str | os.PathLike | None) -> list[Path]:
             root / "fashion-mnist",
             root / "FashionMNIST" / "raw",
         ]
-    dirs.append(FASHION_MNIST_SYSTEM_DIR)
+    else:  # an explicit folder is never silently replaced by the system copy
+        dirs.append(FASHION_MNIST_SYSTEM_DIR)
     return dirs
 
 
@@ -183,12 +184,13 @@ def _find_file(directory: Path, stem: str) -> Path | None:
 def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Locates the four Fashion-MNIST IDX files.
 
-    Looks in ``data_dir``, ``data_dir/fashion-mnist``, ``data_dir/FashionMNIST/raw``
-    (torchvision's layout), then :data:`FASHION_MNIST_SYSTEM_DIR`; the first folder
-    holding all four files (``.gz`` or uncompressed) wins.
+    Looks in ``data_dir``, ``data_dir/fashion-mnist`` and ``data_dir/FashionMNIST/raw``
+    (torchvision's layout) when ``data_dir`` is given, else in
+    :data:`FASHION_MNIST_SYSTEM_DIR`; the first folder holding all four files
+    (``.gz`` or uncompressed) wins.
 
     Args:
-        data_dir: Optional user folder, searched first.
+        data_dir: Optional user folder (then the only place searched).
 
     Returns:
         A dict with keys ``train_images``, ``train_labels``, ``test_images``,
@@ -502,7 +504,7 @@ def load_dataset(
             than what is available raises :class:`DatasetError`.
         n_test: Test examples (the first ones); ``None`` means ``default_n_test``;
             either way clipped to what is available. 0 gives an empty test split.
-        data_dir: Folder searched first for the data files.
+        data_dir: Folder holding the data files (default: the system copy).
         flatten: Return inputs as ``[N, C*H*W]`` (fully connected models) instead of
             ``[N, C, H, W]``.
         device: Device of the returned tensors.

@@ -100,7 +100,7 @@ class TrainConfig:
         steps: Number of optimizer updates (``steps + 1`` records).
         out: Run folder.
         dataset: One of :data:`curvx.harness.data.DATASETS`.
-        data_dir: Folder searched first for dataset files.
+        data_dir: Folder holding the dataset files (default: the system copy).
         n_train: Training examples (first ones); ``None``: 5000 or all if fewer.
         n_test: Test examples (first ones); ``None``: 10000 or all if fewer.
         model: One of :data:`curvx.harness.models.MODELS`.
