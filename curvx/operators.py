@@ -459,20 +459,54 @@ class HessianOperator:
         blocks = self.unflatten_batched(V)
         acc: list[Tensor | None] = [None] * len(self.params)
         for live, gs in self._graph:
-            if not live:
-                continue
+            self._second_backward(gs, live, self._leaves, blocks, acc, retain=True)
+        return self.flatten_batched(acc, k)
+
+    def _second_backward(
+        self,
+        gs: list[Tensor],
+        live: list[int],
+        leaves: list[Tensor],
+        blocks: list[Tensor],
+        acc: list[Tensor | None],
+        retain: bool,
+    ) -> None:
+        """``acc += d<g, V>/dw`` for one chunk: the batched second backward.
+
+        ``gs`` are the chunk's gradients that depend on the parameters (indices
+        ``live``); ``blocks`` the per-parameter ``[k, *shape]`` tangents. The k
+        columns go through one vmap-ed backward; where an op has no batching rule,
+        column by column.
+        """
+        if not live:
+            return
+        grad_outputs = [blocks[i] for i in live]
+        try:
             outs = torch.autograd.grad(
                 gs,
-                self._leaves,
-                grad_outputs=[blocks[i] for i in live],
-                retain_graph=True,
+                leaves,
+                grad_outputs=grad_outputs,
+                retain_graph=True if retain else None,
                 is_grads_batched=True,
                 allow_unused=True,
             )
-            for i, o in enumerate(outs):
-                if o is not None:
-                    acc[i] = o if acc[i] is None else acc[i] + o
-        return self.flatten_batched(acc, k)
+        except RuntimeError as err:
+            logger.debug("batched second backward failed (%s); per column", err)
+            k = grad_outputs[0].shape[0]
+            cols = [
+                torch.autograd.grad(
+                    gs,
+                    leaves,
+                    grad_outputs=[g[j] for g in grad_outputs],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                for j in range(k)
+            ]
+            outs = [None if col[0] is None else torch.stack(col) for col in zip(*cols)]
+        for i, o in enumerate(outs):
+            if o is not None:
+                acc[i] = o if acc[i] is None else acc[i] + o
 
     # ------------------------------------------------------------- rev-rev
 
@@ -491,18 +525,8 @@ class HessianOperator:
                 live = [
                     i for i, gi in enumerate(g) if gi is not None and gi.requires_grad
                 ]
-                if not live:
-                    continue
-                outs = torch.autograd.grad(
-                    [g[i] for i in live],
-                    leaves,
-                    grad_outputs=[blocks[i] for i in live],
-                    is_grads_batched=True,
-                    allow_unused=True,
-                )
-                for i, o in enumerate(outs):
-                    if o is not None:
-                        acc[i] = o if acc[i] is None else acc[i] + o
+                gs = [g[i] for i in live]
+                self._second_backward(gs, live, leaves, blocks, acc, retain=False)
         return self.flatten_batched(acc, k)
 
     # ------------------------------------------------------------- fwd-rev

@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../passes.h"
 
 namespace curvx {
 namespace {
@@ -253,18 +254,7 @@ std::tuple<at::Tensor, at::Tensor> orthogonalize_cuda(const at::Tensor& Q_in,
     const scalar_t* v = V.const_data_ptr<scalar_t>();
     scalar_t* w = W.mutable_data_ptr<scalar_t>();
     double* w64 = W64.scalar_type() == at::kDouble ? W64.mutable_data_ptr<double>() : nullptr;
-    for (int64_t k = 0; k < passes; ++k) {
-      const bool first = k == 0, last = k == passes - 1;
-      if (first && last) {
-        pass(v, w);
-      } else if (first) {
-        pass(v, w64);
-      } else if (last) {
-        pass(static_cast<const double*>(w64), w);
-      } else {
-        pass(static_cast<const double*>(w64), w64);
-      }
-    }
+    run_gram_schmidt_passes(passes, v, w, w64, pass);
   });
   return std::make_tuple(W, C);
 }
