@@ -74,7 +74,7 @@ def test_uv_catapult():
     opt = torch.optim.SGD(model.parameters(), lr=eta)
     cosines, sharp, losses = [], [], []
     for t in range(300):
-        a, b = float(model.a), float(model.b)
+        a, b = model.a.item(), model.b.item()
         opt.zero_grad()
         loss = uv_loss(model(X), y)
         loss.backward()
@@ -86,7 +86,7 @@ def test_uv_catapult():
         opt.step()
         # the imbalance identity, exactly: a'^2 - b'^2 = (a^2 - b^2)(1 - eta^2 z'^2)
         z1 = a * b - 1.0
-        lhs = float(model.a) ** 2 - float(model.b) ** 2
+        lhs = model.a.item() ** 2 - model.b.item() ** 2
         assert lhs == pytest.approx((a * a - b * b) * (1 - eta**2 * z1**2), rel=1e-12)
     assert sharp[0] == pytest.approx(9.216, abs=1e-3)  # 9.2164, rounded in science.md
     assert sharp[0] > 2 / eta
