@@ -175,11 +175,15 @@ class HessianOperator:
             fits in ``graph_memory`` bytes (measured with saved-tensor hooks while
             it is built) and forward-over-reverse otherwise, and falls back along
             kept-graph, rev-rev, fwd-rev, finite-difference when an op lacks
-            double backward or forward-mode AD (with one :class:`CurvxWarning`).
+            double backward or forward-mode AD (with one :class:`CurvxWarning`
+            when only finite differences are left). When building the kept graph
+            takes longer than ``measure_seconds``, a probe block is timed on the
+            kept graph and on forward-over-reverse and the faster path is used.
         mode: ``"eval"`` or ``"train"``: the BatchNorm/dropout policy (module
             docstring).
         graph_memory: cap in bytes for the kept graph under ``method="auto"``.
         dropout_seed: seed of the fixed dropout masks in ``mode="train"``.
+        measure_seconds: see ``method``.
 
     Note:
         The kept graph is rebuilt whenever a parameter changes (tracked through
@@ -198,6 +202,7 @@ class HessianOperator:
         mode: str = "eval",
         graph_memory: int = DEFAULT_GRAPH_MEMORY,
         dropout_seed: int = 0,
+        measure_seconds: float = 0.05,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
@@ -247,6 +252,8 @@ class HessianOperator:
         self.requested_method = method
         self.method = None if method == "auto" else method
         self.graph_memory = graph_memory
+        self.measure_seconds = measure_seconds
+        self.timings: dict[str, float] = {}
         self.dropout_seed = dropout_seed
         self.hvp_count = 0
         self.graph_bytes: int | None = None
@@ -256,6 +263,7 @@ class HessianOperator:
         self._graph_loss: Tensor | None = None
         self._graph_grad: Tensor | None = None
         self._snapshot: list[Tensor] = []
+        self._failures: list[str] = []
 
     # ------------------------------------------------------------------ layout
 
@@ -459,7 +467,7 @@ class HessianOperator:
         blocks = self.unflatten_batched(V)
         acc: list[Tensor | None] = [None] * len(self.params)
         for live, gs in self._graph:
-            self._second_backward(gs, live, self._leaves, blocks, acc, retain=True)
+            self._second_backward(gs, live, self._leaves, blocks, acc)
         return self.flatten_batched(acc, k)
 
     def _second_backward(
@@ -469,7 +477,6 @@ class HessianOperator:
         leaves: list[Tensor],
         blocks: list[Tensor],
         acc: list[Tensor | None],
-        retain: bool,
     ) -> None:
         """``acc += d<g, V>/dw`` for one chunk: the batched second backward.
 
@@ -486,11 +493,14 @@ class HessianOperator:
                 gs,
                 leaves,
                 grad_outputs=grad_outputs,
-                retain_graph=True if retain else None,
+                retain_graph=True,
                 is_grads_batched=True,
                 allow_unused=True,
             )
         except RuntimeError as err:
+            text = str(err).lower()
+            if "vmap" not in text and "batch" not in text:
+                raise
             logger.debug("batched second backward failed (%s); per column", err)
             k = grad_outputs[0].shape[0]
             cols = [
@@ -526,7 +536,7 @@ class HessianOperator:
                     i for i, gi in enumerate(g) if gi is not None and gi.requires_grad
                 ]
                 gs = [g[i] for i in live]
-                self._second_backward(gs, live, leaves, blocks, acc, retain=False)
+                self._second_backward(gs, live, leaves, blocks, acc)
         return self.flatten_batched(acc, k)
 
     # ------------------------------------------------------------- fwd-rev
@@ -623,11 +633,14 @@ class HessianOperator:
         nxt = self._CHAIN[self._CHAIN.index(failed) + 1]
         if isinstance(err, MemoryError) and failed == "kept-graph":
             nxt = "fwd-rev"  # a memory-light path
-        if not isinstance(err, MemoryError):
+        reason = f"{failed}: {type(err).__name__}: {str(err).splitlines()[0]}"
+        self._failures.append(reason)
+        if nxt == "finite-difference":
             warnings.warn(
-                f"curvx: the {failed} Hessian-vector product failed on this model "
-                f"({type(err).__name__}: {err}); falling back to {nxt}"
-                + (" (an approximation)" if nxt == "finite-difference" else ""),
+                "curvx: no exact Hessian-vector product works on this model ("
+                + "; ".join(self._failures)
+                + "); falling back to finite differences of gradients (an "
+                "approximation: residuals are then measured against it)",
                 CurvxWarning,
                 stacklevel=3,
             )
@@ -690,22 +703,55 @@ class HessianOperator:
         return self.matvec(V) if V.dim() == 1 else self.matmat(V)
 
     def _choose(self) -> str:
-        """Pick the HVP path under ``method="auto"`` (kept graph if it fits)."""
+        """Pick the HVP path under ``method="auto"``.
+
+        The kept graph, when it fits in ``graph_memory`` bytes. When building it
+        took longer than ``measure_seconds`` (a model where the choice matters),
+        one probe block is timed on the kept graph and forward-over-reverse, and
+        the faster path is kept (:attr:`timings` has the figures).
+        """
         try:
             t0 = time.perf_counter()
             self._ensure_graph()
+            build = time.perf_counter() - t0
             logger.debug(
                 "kept graph: %.1f MiB, built in %.3f s",
                 (self.graph_bytes or 0) / 2**20,
-                time.perf_counter() - t0,
+                build,
             )
             self.method = "kept-graph"
         except MemoryError as err:
             self._fallback("kept-graph", err)
             self.method = "fwd-rev"
+            return self.method
         except Exception as err:  # noqa: BLE001 - fallback chain
             self._fallback("kept-graph", err)
+            return self.method
+        if build > self.measure_seconds:
+            self._measure()
         return self.method
+
+    def _measure(self) -> None:
+        """Time one probe block on each exact path; keep the faster."""
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randn(self.n, 2, generator=gen, dtype=torch.float64)
+        probe = probe.to(device=self.device, dtype=self.dtype)
+        paths = (("kept-graph", self._matmat_kept), ("fwd-rev", self._matmat_fwdrev))
+        for name, impl in paths:
+            try:
+                impl(probe)  # warm-up (vmap and autograd caches)
+                t0 = time.perf_counter()
+                impl(probe)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.timings[name] = time.perf_counter() - t0
+            except Exception as err:  # noqa: BLE001 - an unusable path is not chosen
+                logger.debug("probe of %s failed: %s", name, err)
+                self.timings[name] = math.inf
+        if self.timings["fwd-rev"] < 0.8 * self.timings["kept-graph"]:
+            self.method = "fwd-rev"
+            self.release()
+        logger.debug("HVP probe seconds: %s -> %s", self.timings, self.method)
 
     @property
     def policy(self) -> dict[str, Any]:
@@ -723,6 +769,7 @@ class HessianOperator:
                 else f"fixed masks per chunk, seed {self.dropout_seed}"
             ),
             "hvp_method": self.method or self.requested_method,
+            "hvp_probe_seconds": dict(self.timings),
             "num_examples": self.num_examples,
             "num_chunks": len(self.chunks),
             "num_parameters": self.n,

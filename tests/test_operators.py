@@ -447,3 +447,59 @@ def test_tuple_inputs_in_the_pair_form():
     chunked = HessianOperator(model, mse_sum, ((X1, X2), y), chunk_size=4)
     V = torch.randn(full.n, 2, dtype=torch.float64, generator=torch.Generator())
     assert torch.allclose(full.matmat(V), chunked.matmat(V), atol=1e-12)
+
+
+class _Attention(nn.Module):
+    """One attention layer; ``fused`` uses scaled_dot_product_attention, whose CPU
+    kernel has neither double backward nor forward-mode AD (torch 2.14)."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.fused = fused
+        self.qkv = nn.Linear(4, 12).double()
+        self.out = nn.Linear(4, 2).double()
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        if self.fused:
+            h = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+            h = torch.softmax(scores, -1) @ v
+        return self.out(h.mean(1))
+
+
+def test_fused_attention_gets_a_working_product():
+    torch.manual_seed(0)
+    model, plain = _Attention(True), _Attention(False)
+    plain.load_state_dict(model.state_dict())
+    X = torch.randn(8, 3, 4, dtype=torch.float64, generator=torch.Generator())
+    y = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator())
+    H = dense_hessian(plain, mse_sum, X, y)
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator())
+    op = HessianOperator(model, mse_sum, (X, y), chunk_size=3)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        HV = op.matmat(V)
+    ours = [w for w in seen if issubclass(w.category, curvx.CurvxWarning)]
+    assert len(ours) == (1 if op.method == "finite-difference" else 0)
+    assert torch.allclose(HV, H @ V, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvx.CurvxWarning)  # asserted above
+        res = curvx.eigsh(model, mse_sum, (X, y), k=2)
+    assert torch.allclose(
+        res.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:2], atol=1e-6
+    )
+
+
+def test_auto_measures_when_the_choice_matters():
+    model = mlp([4, 6, 3], seed=3)
+    X, y = data(23, 4, 3, seed=4)
+    H = dense_hessian(model, mse_sum, X, y)
+    op = HessianOperator(model, mse_sum, (X, y), measure_seconds=0.0)
+    v = torch.ones(op.n, dtype=torch.float64)
+    assert torch.allclose(op.matvec(v), H @ v, atol=1e-12)
+    assert set(op.timings) == {"kept-graph", "fwd-rev"}
+    assert op.method in ("kept-graph", "fwd-rev")
+    assert op.policy["hvp_probe_seconds"] == op.timings
+    assert op.hvp_count == 1  # the probes are not counted as the user's products
