@@ -689,6 +689,8 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
         extra["n_track_failures"] = n_track_failures
         extra["out"] = str(out)
         extra["threshold_rule"] = threshold_rule
+        if tracker is not None:  # the HVP path resolved during the run
+            extra["tracking_policy"] = tracker.policy
         summary = _metrics.summarize(
             records,
             threshold=threshold,
