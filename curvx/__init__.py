@@ -14,7 +14,7 @@ Public API:
 __version__ = "0.1.0"
 
 from curvx._warnings import CurvxWarning  # noqa: E402
-from curvx.lanczos import EigResult, lanczos  # noqa: E402
+from curvx.lanczos import EigResult, NotSymmetricError, lanczos  # noqa: E402
 from curvx.operators import HessianOperator, NonFiniteError, hvp  # noqa: E402
 from curvx.spectrum import eigsh  # noqa: E402
 from curvx.track import Tracker, TrackRecord, track  # noqa: E402
@@ -24,6 +24,7 @@ __all__ = [
     "EigResult",
     "HessianOperator",
     "NonFiniteError",
+    "NotSymmetricError",
     "TrackRecord",
     "Tracker",
     "__version__",

@@ -25,8 +25,11 @@ Note:
     Residuals certify that each returned pair is an eigenpair; that it is the
     *largest* (or smallest) rests on the Krylov space having found the end of the
     spectrum, which a random block start makes overwhelmingly likely but cannot
-    prove. ``min_iterations`` keeps a warm start from stopping on the start block
-    alone.
+    prove. By default a solve therefore fills its basis once (ARPACK's rule)
+    before it may stop, which also keeps a start vector that is an exact but
+    non-extreme eigenvector (a warm start after a crossing) from being accepted.
+    A tracker that passes a small ``min_iterations`` trades that margin for
+    speed and must bring its own safeguards (see :mod:`curvx.track`).
 """
 
 from __future__ import annotations
@@ -42,12 +45,16 @@ from torch import Tensor
 
 from curvx import _ops
 
-__all__ = ["EigResult", "LanczosState", "lanczos", "solve"]
+__all__ = ["EigResult", "LanczosState", "NotSymmetricError", "lanczos", "solve"]
 
 logger = logging.getLogger(__name__)
 
 _WHICH = ("LA", "SA", "BE")
 _F64 = torch.float64
+
+
+class NotSymmetricError(ValueError):
+    """The operator's products are not those of a symmetric matrix."""
 
 
 @dataclass
@@ -278,6 +285,7 @@ def _dense_solve(
     device: torch.device,
     extend_rtol: float | None,
     extend_max: int,
+    symmetry_tol: float,
 ) -> tuple:
     """Small operators: build ``H`` column by column and solve exactly."""
     step = max(b, 64)
@@ -287,6 +295,15 @@ def _dense_solve(
         E[j : j + E.shape[1]].copy_(torch.eye(E.shape[1], dtype=_F64, device=device))
         cols.append(matmat(E).to(_F64))
     H = torch.cat(cols, dim=1)
+    asym = float((H - H.T).abs().max()) / max(float(H.abs().max()), 1e-300)
+    if asym > symmetry_tol:
+        raise NotSymmetricError(
+            f"the operator is not symmetric: max |H - H^T| is {asym:.3g} of max |H| "
+            f"(tolerance {symmetry_tol:g}); its products are wrong (for a model: a "
+            "layer whose double backward is silently incomplete, e.g. a custom "
+            "autograd.Function marked @once_differentiable; try "
+            "method='finite-difference')"
+        )
     theta, Y = torch.linalg.eigh((H + H.T) / 2)
     top, bottom = _select_neighbours(theta, k_top, k_bottom, b, extend_rtol, extend_max)
     norm_est = float(theta.abs().max()) if n else 0.0
@@ -304,13 +321,14 @@ def solve(
     tol: float = 1e-8,
     atol: float = 0.0,
     max_hvps: int | None = None,
-    min_iterations: int = 3,
+    min_iterations: int | None = None,
     v0: Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     callback: Callable[[LanczosState], bool | None] | None = None,
     extend_rtol: float | None = None,
     extend_max: int = 32,
+    symmetry_tol: float = 1e-2,
 ) -> tuple[EigResult, EigResult | None]:
     """Block Lanczos for both ends of the spectrum; the engine behind :func:`lanczos`.
 
@@ -326,13 +344,17 @@ def solve(
         tol: relative residual tolerance (scale: the largest ``|theta|`` seen).
         atol: absolute residual tolerance added to ``tol * scale``.
         max_hvps: budget of operator applications, in vectors.
-        min_iterations: block steps before convergence may be declared.
+        min_iterations: block steps before convergence may be declared;
+            default: enough to fill the basis once (``m / b``).
         v0: ``[n]`` or ``[n, j]`` start vectors (a warm start); random columns
             fill the block. ``j > b`` raises the block size to ``j``.
         generator: private RNG for random start and replacement vectors.
         device: where the basis lives (default: ``v0``'s device, else CPU).
         callback: called with a :class:`LanczosState` after each step; returning
             True stops the solve (status ``"stopped"``).
+        symmetry_tol: largest relative asymmetry of ``Q_j^T H Q_j`` accepted
+            (rounding in float32 products is ~1e-6); above it
+            :class:`NotSymmetricError` is raised.
         extend_rtol, extend_max: grow the returned neighbour set (``ritz_*``) to
             the end of a cluster of Ritz values closer than
             ``extend_rtol * max|theta|``, by at most ``extend_max`` pairs.
@@ -372,7 +394,9 @@ def solve(
         raise ValueError(f"block_size must be a positive int; got {block_size!r}")
     if max_hvps is not None and (not isinstance(max_hvps, int) or max_hvps < 1):
         raise ValueError(f"max_hvps must be a positive int; got {max_hvps!r}")
-    if not isinstance(min_iterations, int) or min_iterations < 1:
+    if min_iterations is not None and (
+        not isinstance(min_iterations, int) or min_iterations < 1
+    ):
         raise ValueError(
             f"min_iterations must be a positive int; got {min_iterations!r}"
         )
@@ -389,6 +413,8 @@ def solve(
         )
     if max_hvps is None:
         max_hvps = max(1000, 40 * k_total * b)
+    if min_iterations is None:
+        min_iterations = m // b
 
     def apply(V: Tensor) -> Tensor:
         HV = matmat(V)
@@ -402,7 +428,7 @@ def solve(
     # Small operators: the dense matrix is cheaper than a Krylov basis
     if n <= m + b:
         H, theta, Y, top, bottom, norm_est = _dense_solve(
-            apply, n, k_top, k_bottom, b, device, extend_rtol, extend_max
+            apply, n, k_top, k_bottom, b, device, extend_rtol, extend_max, symmetry_tol
         )
         U_all = Y
         HU_all = H @ Y
@@ -450,6 +476,18 @@ def solve(
         cols += b
 
         # 2. Three-term recurrence: W <- W - Q_j A_j - Q_{j-1} B_{j-1}^T
+        #    (A_j is symmetrized; a large asymmetry means the products are wrong)
+        M = Q_cur.T @ W
+        scale = max(norm_est, float(M.abs().max()), 1e-300)
+        asym = float((M - M.T).abs().max()) / scale
+        if asym > symmetry_tol:
+            raise NotSymmetricError(
+                f"the operator is not symmetric: max |Q^T H Q - (Q^T H Q)^T| is "
+                f"{asym:.3g} of its scale (tolerance {symmetry_tol:g}); its products "
+                "are wrong (for a model: a layer whose double backward is silently "
+                "incomplete, e.g. a custom autograd.Function marked "
+                "@once_differentiable; try method='finite-difference')"
+            )
         W, A = _ops.lanczos_step(W, Q_cur, Q_prev, B_prev)
         alphas.append(A)
 

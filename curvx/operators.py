@@ -66,6 +66,9 @@ METHODS = ("auto", "kept-graph", "rev-rev", "fwd-rev", "finite-difference")
 
 _MODES = ("eval", "train")
 
+#: Largest relative asymmetry of a probe product accepted per parameter dtype.
+_SYMMETRY_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+
 #: Default cap on the memory the kept graph may hold (bytes, all chunks together).
 DEFAULT_GRAPH_MEMORY = 4 * 2**30
 
@@ -334,11 +337,9 @@ class HessianOperator:
                 m.training = flag
 
     def _buffers(self) -> dict[str, Tensor]:
-        """Buffers for functional_call: copies in train mode (running stats stay)."""
-        bufs = dict(self.model.named_buffers())
-        if self.mode == "train":
-            bufs = {k: v.clone() for k, v in bufs.items()}
-        return bufs
+        """Buffers for functional_call: copies, so that no forward (BatchNorm in
+        train mode, a module that counts its calls) changes the model's own."""
+        return {k: v.clone() for k, v in self.model.named_buffers()}
 
     def _seed_chunk(self, c: int) -> None:
         if self.mode == "train":
@@ -729,7 +730,33 @@ class HessianOperator:
             return self.method
         if build > self.measure_seconds:
             self._measure()
+
+        # Products a silently incomplete double backward gets wrong are not
+        # symmetric (u^T H v != v^T H u): check the chosen path once
+        while self.method != "finite-difference":
+            try:
+                asym = self._asymmetry(self.method)
+            except Exception as err:  # noqa: BLE001 - fallback chain
+                self._fallback(self.method, err)
+                continue
+            if asym <= _SYMMETRY_TOL.get(self.dtype, 5e-2):
+                break
+            self._fallback(
+                self.method,
+                RuntimeError(f"its products are not symmetric (asymmetry {asym:.2g})"),
+            )
         return self.method
+
+    def _asymmetry(self, method: str) -> float:
+        """``|u^T H v - v^T H u|`` relative to ``||Hu|| ||v|| + ||Hv|| ||u||``."""
+        gen = torch.Generator().manual_seed(1)
+        P = torch.randn(self.n, 2, generator=gen, dtype=torch.float64)
+        P = P.to(device=self.device, dtype=self.dtype)
+        HP = getattr(self, self._IMPLS[method])(P).double()
+        P = P.double()
+        M = P.T @ HP
+        norms = HP.norm(dim=0) * P.flip(1).norm(dim=0)
+        return float((M[0, 1] - M[1, 0]).abs() / norms.sum().clamp_min(1e-300))
 
     def _measure(self) -> None:
         """Time one probe block on each exact path; keep the faster."""

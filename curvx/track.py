@@ -141,6 +141,20 @@ class Tracker:
         max_hvps: HVP budget per evaluation (vectors).
         cluster_rtol: relative gap under which eigenvalues form one cluster (no
             rotation reported inside it).
+        min_iterations: block steps a warm-started solve makes before it may
+            stop (cold solves fill their basis once first).
+        cold_every: every this many evaluations the solve starts cold (0:
+            never), a safety net for the warm start below.
+
+    Note:
+        A warm start begins from the previous Ritz vectors (the tracked ones and
+        their neighbours) plus random guard columns, and stops after
+        ``min_iterations`` block steps once every tracked pair is certified. A
+        direction that was not among those neighbours and overtakes the k-th
+        eigenvalue within one step can be missed until the Krylov space or the
+        next cold solve finds it; the residuals stay honest, but the pair
+        reported is then not the k-th largest. Continuous training moves
+        eigenvalues through the neighbours first, so this needs a jump.
 
     The model's mode flags, buffers, ``.grad`` and the global RNG are left as
     they were by every call.
@@ -162,6 +176,8 @@ class Tracker:
         guard: int = 1,
         max_hvps: int | None = None,
         cluster_rtol: float = 1e-3,
+        min_iterations: int = 3,
+        cold_every: int = 50,
     ) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive int; got {k!r}")
@@ -186,6 +202,14 @@ class Tracker:
         self.k = k
         self.lambda_min = bool(lambda_min)
         self.tol = default_tol(self.operator.dtype) if tol is None else float(tol)
+        if not isinstance(min_iterations, int) or min_iterations < 1:
+            raise ValueError(
+                f"min_iterations must be an int >= 1; got {min_iterations!r}"
+            )
+        if not isinstance(cold_every, int) or cold_every < 0:
+            raise ValueError(f"cold_every must be an int >= 0; got {cold_every!r}")
+        self.min_iterations = min_iterations
+        self.cold_every = cold_every
         self.guard = guard
         self.block_size = min(self.operator.n, k_total + guard)
         self.max_hvps = max_hvps
@@ -208,6 +232,8 @@ class Tracker:
             "block_size": self.block_size,
             "cluster_rtol": self.cluster_rtol,
             "seed": self.seed,
+            "min_iterations": self.min_iterations,
+            "cold_every": self.cold_every,
         }
 
     def pin_reference(self) -> None:
@@ -242,11 +268,16 @@ class Tracker:
         """Previous top vectors (whole clusters at the k-th value) and bottom."""
         if self._prev is None:
             return None
-        vals, vecs, resid = self._certified_top(self._prev)
+        # Whole clusters at the k-th value (certified vectors), then the
+        # neighbours beyond k whether certified or not: an eigenvalue about to
+        # cross the k-th comes from there, and must be in the start block
+        p = self._prev
+        vals, vecs, resid = self._certified_top(p)
         k0 = rotation.cluster_extent(vals, self.k, self.cluster_rtol, resid)
         n_bottom = int(self.lambda_min and self._prev_bottom is not None)
-        take = max(k0, self.block_size - n_bottom)
-        parts = [vecs[:, :take]]
+        extra = max(0, self.block_size - n_bottom - k0)
+        neighbours = p.ritz_vectors[:, self.k : p.top_count]
+        parts = [vecs[:, :k0], neighbours[:, :extra]]
         if n_bottom:
             parts.append(self._prev_bottom.eigenvectors)
         return torch.cat(parts, dim=1)
@@ -278,7 +309,8 @@ class Tracker:
             rec.loss = float(loss)
             if not math.isfinite(rec.loss):
                 raise NonFiniteError(f"the loss is {rec.loss}")
-            v0 = self._warm_block()
+            cold = self.cold_every and self.evaluations % self.cold_every == 0
+            v0 = None if cold else self._warm_block()
             rec.warm_start = v0 is not None
             b = self.block_size
             if v0 is not None:
@@ -289,6 +321,7 @@ class Tracker:
                 self.k,
                 int(self.lambda_min),
                 block_size=b,
+                min_iterations=None if v0 is None else self.min_iterations,
                 extend_rtol=self.cluster_rtol,
                 tol=self.tol,
                 max_hvps=self.max_hvps,
@@ -320,6 +353,11 @@ class Tracker:
             cmp = rotation.compare(
                 p_vals, p_vecs, c_vals, c_vecs, self.k, self.cluster_rtol, p_res, c_res
             )
+            if top.norm_estimate == 0.0 and self._prev.norm_estimate == 0.0:
+                # H = 0 twice: every direction is an eigenvector, nothing rotates
+                cmp.update(
+                    rotation_top1=1.0, subspace_similarity=1.0, max_principal_angle=0.0
+                )
             rec.rotation_top1 = cmp["rotation_top1"]
             rec.subspace_similarity = cmp["subspace_similarity"]
             rec.max_principal_angle = cmp["max_principal_angle"]

@@ -214,3 +214,25 @@ def test_bad_solver_settings():
     ]:
         with pytest.raises(ValueError, match=msg):
             lanczos(A, k=1, **kw)
+
+
+def test_v0_that_is_a_close_second_eigenvector_is_not_accepted():
+    # top two 1.0 and 0.95: one-off solves fill their basis before stopping
+    g = torch.Generator().manual_seed(0)
+    eigs = torch.cat(
+        [torch.tensor([1.0, 0.95]), torch.rand(198, generator=g) * 0.9]
+    ).double()
+    A = _sym(eigs, seed=7)
+    _, V = torch.linalg.eigh(A)
+    for seed in range(5):
+        res = lanczos(A, k=1, tol=1e-10, v0=V[:, -2], generator=_gen(seed))
+        assert math.isclose(float(res.eigenvalues[0]), 1.0, abs_tol=1e-9)
+
+
+def test_non_symmetric_operator_is_refused():
+    A = _sym(torch.linspace(-1, 1, 120, dtype=torch.float64))
+    A[0, 1] += 0.5
+    with pytest.raises(curvx.NotSymmetricError, match="not symmetric"):
+        lanczos(A, k=1)
+    with pytest.raises(curvx.NotSymmetricError):
+        lanczos(A[:10, :10].clone(), k=1)  # the dense path too

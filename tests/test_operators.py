@@ -503,3 +503,46 @@ def test_auto_measures_when_the_choice_matters():
     assert op.method in ("kept-graph", "fwd-rev")
     assert op.policy["hvp_probe_seconds"] == op.timings
     assert op.hvp_count == 1  # the probes are not counted as the user's products
+
+
+class _SilentTanh(torch.autograd.Function):
+    """tanh whose backward is @once_differentiable: PyTorch then drops the second
+    derivative without an error, so double backward is silently incomplete."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.tanh(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad * (1 - out**2)
+
+
+def test_silently_wrong_double_backward_is_caught_by_symmetry():
+    torch.manual_seed(0)
+    l1, l2 = nn.Linear(3, 6).double(), nn.Linear(6, 2).double()
+
+    class Net(nn.Module):
+        def __init__(self, silent):
+            super().__init__()
+            self.l1, self.l2, self.silent = l1, l2, silent
+
+        def forward(self, x):
+            h = self.l1(x)
+            return self.l2(_SilentTanh.apply(h) if self.silent else torch.tanh(h))
+
+    X, y = data(16, 3, 2)
+    H = dense_hessian(Net(False), mse_sum, X, y)
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator())
+    op = HessianOperator(Net(True), mse_sum, (X, y))
+    with pytest.warns(curvx.CurvxWarning, match="not symmetric"):
+        HV = op.matmat(V)
+    assert op.method == "finite-difference"
+    assert torch.allclose(HV, H @ V, atol=1e-6)
+    # an explicit exact method cannot be trusted here: the solver refuses it
+    with pytest.raises(ValueError, match="not symmetric"):
+        curvx.eigsh(Net(True), mse_sum, (X, y), k=1, method="kept-graph")

@@ -195,3 +195,66 @@ def test_lr_must_be_positive():
     tracker = curvx.track(model, mse_sum, data(5, 3, 2), k=1)
     with pytest.raises(ValueError, match="lr must be a positive"):
         tracker.step(lr=-1.0)
+
+
+class _Diag(nn.Module):
+    """``L = 1/2 sum_i a_i w_i^2`` with the curvatures ``a`` passed as the target."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.w.expand(x.shape[0], -1)
+
+
+def _diag_loss(out, a):
+    return 0.5 * (a * out * out).sum(1).mean()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_warm_start_catches_a_crossing_with_the_next_eigenvalue(seed):
+    n = 200
+    g = torch.Generator().manual_seed(seed)
+    rest = torch.rand(n - 2, generator=g, dtype=torch.float64) * 0.9
+    X = torch.zeros(1, 1, dtype=torch.float64)
+    a = torch.cat([torch.tensor([1.0, 0.95], dtype=torch.float64), rest])[None]
+    tracker = curvx.track(_Diag(n), _diag_loss, (X, a), k=1, seed=seed)
+    assert tracker.step(0).sharpness == pytest.approx(1.0, abs=1e-9)
+    a[0, :2] = torch.tensor([0.95, 1.0], dtype=torch.float64)  # the top two swap
+    rec = tracker.step(1)
+    assert rec.warm_start and rec.converged == [True]
+    assert rec.sharpness == pytest.approx(1.0, abs=1e-9)
+
+
+def test_buffers_updated_in_forward_are_left_alone_in_eval_mode():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2).double()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x):
+            self.calls.add_(1.0)  # whatever the mode, like an EMA or a counter
+            return self.lin(x)
+
+    model = Counting()
+    X, y = data(8, 3, 2)
+    for method in ("kept-graph", "rev-rev", "fwd-rev"):
+        rec = curvx.track(model, mse_sum, (X, y), k=1, method=method).step()
+        assert rec.status == "ok"
+        assert float(model.calls) == 0.0
+
+
+def test_zero_hessian_reports_no_rotation():
+    model = nn.Linear(4, 1, bias=False).double()
+    X, _ = data(6, 4, 1)
+
+    def linear_loss(out, target):  # linear in the weights: H = 0
+        return out.mean()
+
+    tracker = curvx.track(model, linear_loss, (X, X[:, :1]), k=2)
+    tracker.step()
+    rec = tracker.step()
+    assert rec.eigenvalues == [0.0, 0.0] and all(rec.converged)
+    assert rec.rotation_top1 == 1.0 and rec.subspace_similarity == 1.0
