@@ -753,6 +753,11 @@ class HessianOperator:
         P = torch.randn(self.n, 2, generator=gen, dtype=torch.float64)
         P = P.to(device=self.device, dtype=self.dtype)
         HP = getattr(self, self._IMPLS[method])(P).double()
+        if not torch.isfinite(HP).all():
+            raise NonFiniteError(
+                "the Hessian-vector product is not finite (NaN or inf): check the "
+                "loss at the current parameters"
+            )
         P = P.double()
         M = P.T @ HP
         norms = HP.norm(dim=0) * P.flip(1).norm(dim=0)
