@@ -130,11 +130,14 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
         ax.plot(xs, ys, lw=1, color="C3", label=r"$\lambda_{\min}$")
     opt = config.get("optimizer", {})
     thr = opt.get("threshold")
-    if thr:
+    # Adam's threshold bounds the preconditioned sharpness, not the plotted one
+    if thr and config["settings"]["optimizer"] != "adam":
         label = _THRESHOLD_LABELS.get(config["settings"]["optimizer"], "threshold")
-        if config["settings"]["optimizer"] == "adam":
-            label += " (for preconditioned sharpness)"
         ax.axhline(thr, color="k", ls="--", lw=1, label=label)
+    finite = sorted(abs(y) for y in ys if y is not None and math.isfinite(y))
+    if finite and finite[-1] > 100 * max(finite[len(finite) // 2], 1e-12):
+        # a divergence spike would flatten the rest: symmetric log scale
+        ax.set_yscale("symlog", linthresh=max(finite[len(finite) // 2], 1e-12))
     _mark_divergence(ax, records)
     ax.set_xlabel("step")
     ax.set_ylabel("Hessian eigenvalue")

@@ -689,11 +689,16 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
         extra["n_track_failures"] = n_track_failures
         extra["out"] = str(out)
         extra["threshold_rule"] = threshold_rule
+        if cfg.optimizer == "adam":
+            extra["adam_threshold"] = threshold
+            extra["threshold_note"] = threshold_note
         if tracker is not None:  # the HVP path resolved during the run
             extra["tracking_policy"] = tracker.policy
         summary = _metrics.summarize(
             records,
-            threshold=threshold,
+            # Adam's threshold is for the preconditioned sharpness, which is not
+            # tracked: no ratio of the plain sharpness to it is reported
+            threshold=None if cfg.optimizer == "adam" else threshold,
             status=status,
             wall_seconds=time.perf_counter() - wall0,
             extra=extra,
