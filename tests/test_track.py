@@ -258,3 +258,15 @@ def test_zero_hessian_reports_no_rotation():
     rec = tracker.step()
     assert rec.eigenvalues == [0.0, 0.0] and all(rec.converged)
     assert rec.rotation_top1 == 1.0 and rec.subspace_similarity == 1.0
+
+
+def test_cold_every_restarts_the_warm_state_periodically():
+    model = mlp([3, 6, 2], seed=0)
+    X, y = data(12, 3, 2)
+    tracker = curvx.track(model, mse_sum, (X, y), k=1, cold_every=2)
+    warm = [tracker.step().warm_start for _ in range(5)]
+    assert warm == [False, True, False, True, False]
+    never = curvx.track(model, mse_sum, (X, y), k=1, cold_every=0)
+    assert [never.step().warm_start for _ in range(3)] == [False, True, True]
+    with pytest.raises(ValueError, match="cold_every"):
+        curvx.track(model, mse_sum, (X, y), k=1, cold_every=-1)
