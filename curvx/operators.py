@@ -434,13 +434,7 @@ class HessianOperator:
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         with self._guard(), torch.enable_grad(), hooks:
             for c in range(len(self.chunks)):
-                loss = self._chunk_loss(pd, c) * self._weight(c)
-                g = torch.autograd.grad(
-                    loss, leaves, create_graph=True, allow_unused=True
-                )
-                live = [
-                    i for i, gi in enumerate(g) if gi is not None and gi.requires_grad
-                ]
+                loss, g, live = self._first_backward(pd, leaves, c)
                 graph.append((live, [g[i] for i in live]))
                 total = total + loss.detach()
                 grad += self.flatten([None if gi is None else gi.detach() for gi in g])
@@ -470,6 +464,20 @@ class HessianOperator:
         for live, gs in self._graph:
             self._second_backward(gs, live, self._leaves, blocks, acc)
         return self.flatten_batched(acc, k)
+
+    def _first_backward(
+        self, params: dict[str, Tensor], leaves: list[Tensor], c: int
+    ) -> tuple[Tensor, tuple[Tensor | None, ...], list[int]]:
+        """Chunk ``c``'s weighted loss and its gradient with a graph kept.
+
+        Returns the loss, the per-parameter gradients (None where unused) and the
+        indices of those that depend on the parameters (the ones with a second
+        derivative).
+        """
+        loss = self._chunk_loss(params, c) * self._weight(c)
+        g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+        return loss, g, live
 
     def _second_backward(
         self,
@@ -529,15 +537,8 @@ class HessianOperator:
         pd = dict(zip(self.names, leaves))
         with self._guard(), torch.enable_grad():
             for c in range(len(self.chunks)):
-                loss = self._chunk_loss(pd, c) * self._weight(c)
-                g = torch.autograd.grad(
-                    loss, leaves, create_graph=True, allow_unused=True
-                )
-                live = [
-                    i for i, gi in enumerate(g) if gi is not None and gi.requires_grad
-                ]
-                gs = [g[i] for i in live]
-                self._second_backward(gs, live, leaves, blocks, acc)
+                _, g, live = self._first_backward(pd, leaves, c)
+                self._second_backward([g[i] for i in live], live, leaves, blocks, acc)
         return self.flatten_batched(acc, k)
 
     # ------------------------------------------------------------- fwd-rev

@@ -108,12 +108,8 @@ std::tuple<at::Tensor, at::Tensor> orthogonalize_cpu(const at::Tensor& Q_in, con
   const at::Tensor Q = Q_in.contiguous();  // [n, m]
   const at::Tensor V = V_in.contiguous();  // [n, b]
   const int64_t n = V.size(0), b = V.size(1), m = Q.size(1);
-  const auto f64 = V.options().dtype(at::kDouble);
-  at::Tensor W = at::empty({n, b}, V.options());  // result, V's dtype
-  at::Tensor C = at::zeros({m, b}, f64);          // sum of the passes' coefficients
-  // Between passes W is kept in float64; for float64 input that buffer is the result itself.
-  const bool wide_scratch = passes > 1 && V.scalar_type() != at::kDouble;
-  at::Tensor W64 = wide_scratch ? at::empty({n, b}, f64) : W;
+  GramSchmidtBuffers buffers(V, m, passes);
+  at::Tensor W = buffers.W, C = buffers.C;
   std::vector<double> c(m * b);  // one pass's coefficients [m, b]
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, V.scalar_type(), "curvx_orthogonalize_cpu", [&] {
@@ -127,8 +123,7 @@ std::tuple<at::Tensor, at::Tensor> orthogonalize_cpu(const at::Tensor& Q_in, con
     };
     const scalar_t* v = V.const_data_ptr<scalar_t>();
     scalar_t* w = W.mutable_data_ptr<scalar_t>();
-    double* w64 = W64.scalar_type() == at::kDouble ? W64.mutable_data_ptr<double>() : nullptr;
-    run_gram_schmidt_passes(passes, v, w, w64, pass);
+    run_gram_schmidt_passes(passes, v, w, buffers.w64(), pass);
   });
   return std::make_tuple(W, C);
 }
