@@ -265,7 +265,6 @@ class HessianOperator:
         self._graph_key: tuple | None = None
         self._graph_loss: Tensor | None = None
         self._graph_grad: Tensor | None = None
-        self._snapshot: list[Tensor] = []
         self._failures: list[str] = []
 
     # ------------------------------------------------------------------ layout
@@ -360,14 +359,14 @@ class HessianOperator:
     def _weight(self, c: int) -> float:
         return self.chunks[c][2] / self.num_examples
 
-    def _params_key(self) -> tuple:
-        """Changes whenever a parameter or a data tensor is modified or replaced."""
-        key = [(p._version, p.data_ptr()) for p in self.params]
-        for inputs, target, _ in self.chunks:
-            for t in (*inputs, target):
-                if isinstance(t, Tensor):
-                    key.append((t._version, t.data_ptr()))
-        return tuple(key)
+    def _data_key(self) -> tuple:
+        """Changes whenever a data tensor is modified in place or replaced."""
+        return tuple(
+            (t._version, t.data_ptr())
+            for inputs, target, _ in self.chunks
+            for t in (*inputs, target)
+            if isinstance(t, Tensor)
+        )
 
     # ------------------------------------------------------- loss and gradient
 
@@ -403,19 +402,22 @@ class HessianOperator:
     def _graph_is_current(self) -> bool:
         """The kept graph describes the current parameters and data.
 
-        Version counters catch in-place updates; the value snapshot also catches
-        writes through ``p.data``, which bypass them.
+        Parameters are compared by value with the graph's leaves (copies taken at
+        build time), which also sees writes through ``p.data`` that bypass
+        version counters; data by version counter. One host sync.
         """
-        if self._graph is None or self._params_key() != self._graph_key:
+        if self._graph is None or self._data_key() != self._graph_key:
             return False
-        return all(
-            torch.equal(p.detach(), s) for p, s in zip(self.params, self._snapshot)
-        )
+        with torch.no_grad():
+            changed = torch.stack(
+                [(p != leaf).any() for p, leaf in zip(self.params, self._leaves)]
+            ).any()
+        return not bool(changed)
 
     def _ensure_graph(self) -> None:
         if self._graph_is_current():
             return
-        key = self._params_key()
+        key = self._data_key()
         self._graph = None
         # Leaves are copies: writes through p.data must not reach the saved graph
         leaves = [p.detach().clone().requires_grad_() for p in self.params]
@@ -448,7 +450,6 @@ class HessianOperator:
                     )
         self.graph_bytes = sum(seen.values())
         self._graph, self._leaves, self._graph_key = graph, leaves, key
-        self._snapshot = [p.detach().clone() for p in self.params]
         self._graph_loss, self._graph_grad = total, grad
 
     def release(self) -> None:

@@ -251,33 +251,41 @@ class Tracker:
         """Forget the warm-start state (the next step is a cold solve)."""
         self._prev = self._prev_bottom = None
 
-    def _certified_top(self, res: EigResult) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-end Ritz pairs: the k tracked ones plus the converged neighbours.
+    def _certified_index(self, res: EigResult) -> Tensor:
+        """Top-end Ritz pairs to trust: the k tracked ones and converged neighbours.
 
         Unconverged neighbours are left out: they are mixtures, and a cluster
         subspace built from them would show rotation that is not there.
         """
-        vals = res.ritz_values[: res.top_count]
-        vecs = res.ritz_vectors[:, : res.top_count]
         resid = res.ritz_residuals[: res.top_count]
         ok = resid <= self.tol * res.norm_estimate
         ok[: self.k] = True
-        return vals[ok], vecs[:, ok], resid[ok]
+        return ok.nonzero().flatten()
+
+    def _certified_top(self, res: EigResult) -> tuple[Tensor, Tensor, Tensor]:
+        """Values, vectors and residuals of :meth:`_certified_index`'s pairs."""
+        idx = self._certified_index(res)
+        return res.ritz_values[idx], res.ritz_vectors[:, idx], res.ritz_residuals[idx]
 
     def _warm_block(self) -> Tensor | None:
-        """Previous top vectors (whole clusters at the k-th value) and bottom."""
+        """Previous top vectors (whole clusters at the k-th value), neighbours, and
+        the bottom pair."""
         if self._prev is None:
             return None
-        # Whole clusters at the k-th value (certified vectors), then the
+
+        # Whole clusters at the k-th value (certified vectors), then the other
         # neighbours beyond k whether certified or not: an eigenvalue about to
         # cross the k-th comes from there, and must be in the start block
         p = self._prev
-        vals, vecs, resid = self._certified_top(p)
-        k0 = rotation.cluster_extent(vals, self.k, self.cluster_rtol, resid)
+        idx = self._certified_index(p)
+        k0 = rotation.cluster_extent(
+            p.ritz_values[idx], self.k, self.cluster_rtol, p.ritz_residuals[idx]
+        )
+        taken = idx[:k0].tolist()
+        rest = [i for i in range(self.k, p.top_count) if i not in taken]
         n_bottom = int(self.lambda_min and self._prev_bottom is not None)
         extra = max(0, self.block_size - n_bottom - k0)
-        neighbours = p.ritz_vectors[:, self.k : p.top_count]
-        parts = [vecs[:, :k0], neighbours[:, :extra]]
+        parts = [p.ritz_vectors[:, taken + rest[:extra]]]
         if n_bottom:
             parts.append(self._prev_bottom.eigenvectors)
         return torch.cat(parts, dim=1)
@@ -288,8 +296,14 @@ class Tracker:
         Call it whenever the parameters should be measured (typically once per
         training step). Never raises for a non-finite loss: the record says so.
         """
-        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr must be a positive number or None; got {lr!r}")
+        if lr is not None:
+            try:
+                ok = math.isfinite(float(lr)) and float(lr) > 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"lr must be a positive number or None; got {lr!r}")
+            lr = float(lr)
         t0 = time.perf_counter()
         op = self.operator
         hv0 = op.hvp_count
@@ -347,9 +361,10 @@ class Tracker:
         rec.status = "ok" if ok else "unconverged"
 
         # Rotation against the previous evaluation and the reference
+        certified = self._certified_top(top)
         if self._prev is not None:
             p_vals, p_vecs, p_res = self._certified_top(self._prev)
-            c_vals, c_vecs, c_res = self._certified_top(top)
+            c_vals, c_vecs, c_res = certified
             cmp = rotation.compare(
                 p_vals, p_vecs, c_vals, c_vecs, self.k, self.cluster_rtol, p_res, c_res
             )
@@ -362,7 +377,6 @@ class Tracker:
             rec.subspace_similarity = cmp["subspace_similarity"]
             rec.max_principal_angle = cmp["max_principal_angle"]
             rec.matching = cmp["matching"]
-        certified = self._certified_top(top)
         if self._reference is None:
             self._reference = certified
         rec.reference_similarity = self._similarity(self._reference, certified)
