@@ -15,7 +15,12 @@ __version__ = "0.1.0"
 
 from curvx._warnings import CurvxWarning  # noqa: E402
 from curvx.lanczos import EigResult, NotSymmetricError, lanczos  # noqa: E402
-from curvx.operators import HessianOperator, NonFiniteError, hvp  # noqa: E402
+from curvx.operators import (  # noqa: E402
+    HessianOperator,
+    NonFiniteError,
+    ParametersChangedError,
+    hvp,
+)
 from curvx.spectrum import eigsh  # noqa: E402
 from curvx.track import Tracker, TrackRecord, track  # noqa: E402
 
@@ -25,6 +30,7 @@ __all__ = [
     "HessianOperator",
     "NonFiniteError",
     "NotSymmetricError",
+    "ParametersChangedError",
     "TrackRecord",
     "Tracker",
     "__version__",

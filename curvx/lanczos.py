@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from curvx import _ops
+from curvx._validate import as_int
 
 __all__ = ["EigResult", "LanczosState", "NotSymmetricError", "lanczos", "solve"]
 
@@ -396,16 +397,12 @@ def solve(
         if device is None:
             device = v0.device
     device = torch.device(device if device is not None else "cpu")
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
-    if max_hvps is not None and (not isinstance(max_hvps, int) or max_hvps < 1):
-        raise ValueError(f"max_hvps must be a positive int; got {max_hvps!r}")
-    if min_iterations is not None and (
-        not isinstance(min_iterations, int) or min_iterations < 1
-    ):
-        raise ValueError(
-            f"min_iterations must be a positive int; got {min_iterations!r}"
-        )
+    if block_size is not None:
+        block_size = as_int(block_size, "block_size")
+    if max_hvps is not None:
+        max_hvps = as_int(max_hvps, "max_hvps")
+    if min_iterations is not None:
+        min_iterations = as_int(min_iterations, "min_iterations")
     b = block_size if block_size is not None else k_total + 1
     if v0 is not None:
         b = max(b, v0.shape[1])
@@ -419,6 +416,16 @@ def solve(
         )
     if max_hvps is None:
         max_hvps = max(1000, 40 * k_total * b)
+    dense = n <= m + b
+    if max_hvps < (n if dense else b):
+        raise ValueError(
+            f"max_hvps={max_hvps} cannot pay for one step: "
+            + (
+                f"the operator is small (n = {n}) and is solved densely with n products"
+                if dense
+                else f"one block step costs block_size = {b} products"
+            )
+        )
     if min_iterations is None:
         min_iterations = m // b
 
@@ -432,7 +439,7 @@ def solve(
         return HV.to(device=device, dtype=_F64)
 
     # Small operators: the dense matrix is cheaper than a Krylov basis
-    if n <= m + b:
+    if dense:
         H, theta, Y, top, bottom, norm_est = _dense_solve(
             apply, n, k_top, k_bottom, b, device, extend_rtol, extend_max, symmetry_tol
         )
@@ -722,8 +729,7 @@ def lanczos(
     """
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}; got {which!r}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive int; got {k!r}")
+    k = as_int(k, "k")
     if (
         callable(operator)
         and not isinstance(operator, Tensor)

@@ -46,11 +46,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from curvx._validate import as_int
 from curvx._warnings import CurvxWarning
 
 __all__ = [
     "HessianOperator",
     "NonFiniteError",
+    "ParametersChangedError",
     "hvp",
     "METHODS",
 ]
@@ -75,6 +77,11 @@ DEFAULT_GRAPH_MEMORY = 4 * 2**30
 
 class NonFiniteError(FloatingPointError):
     """Raised when the loss, the gradient or a Hessian-vector product is not finite."""
+
+
+class ParametersChangedError(RuntimeError):
+    """Raised when an operator is used after the model's trainable parameters were
+    replaced, (un)frozen or converted to another dtype or device."""
 
 
 def _describe(x: Any) -> str:
@@ -104,10 +111,8 @@ def _make_chunks(
     ``chunk_size``; one chunk when it is None) or an iterable of ``(X, y)`` batches
     (a one-shot iterator is read once and kept).
     """
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(
-            f"chunk_size must be a positive int or None; got {chunk_size!r}"
-        )
+    if chunk_size is not None:
+        chunk_size = as_int(chunk_size, "chunk_size")
     if (
         isinstance(data, (tuple, list))
         and len(data) == 2
@@ -146,6 +151,17 @@ def _make_chunks(
             "data must be an (X, y) pair of tensors or an iterable of (X, y) batches; "
             f"got {_describe(data)}"
         )
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        # A pair that failed the test above: name the half that is wrong (an
+        # iterable of two batches never holds a bare tensor)
+        if isinstance(data[0], Tensor):
+            raise TypeError(
+                "data=(X, y) needs y as a tensor of targets, to split with X; got y "
+                f"{_describe(data[1])} (a target of another kind goes in a list of "
+                "batches: data=[(X, y)])"
+            )
+        if isinstance(data[1], Tensor):
+            _as_inputs(data[0])  # raises, naming what X is
     chunks = []
     for i, batch in enumerate(data):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -156,6 +172,14 @@ def _make_chunks(
         n_c = inputs[0].shape[0] if inputs[0].dim() > 0 else 0
         if n_c == 0:
             raise ValueError(f"batch {i} of data holds no examples")
+        sizes = [t.shape[0] if t.dim() > 0 else 0 for t in inputs]
+        if isinstance(batch[1], Tensor):
+            sizes.append(batch[1].shape[0] if batch[1].dim() > 0 else 0)
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                f"batch {i} of data disagrees on the number of examples: X and y "
+                f"have leading sizes {sizes}"
+            )
         chunks.append((inputs, batch[1], n_c))
     if not chunks:
         raise ValueError("data is an empty iterable: no batches to build the loss from")
@@ -215,7 +239,33 @@ class HessianOperator:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.model = model
+        self.loss_fn = loss_fn
+        self._bind_parameters()
+        self.chunks = _make_chunks(data, chunk_size)
+        self.num_examples = sum(n_c for _, _, n_c in self.chunks)
+        self._check_data_devices()
+        self.mode = mode
+        self.requested_method = method
+        self.method = None if method == "auto" else method
+        self.graph_memory = graph_memory
+        self.measure_seconds = measure_seconds
+        self.timings: dict[str, float] = {}
+        self.dropout_seed = dropout_seed
+        self.hvp_count = 0
+        self.graph_bytes: int | None = None
+        self._graph: list[tuple[list[int], list[Tensor]]] | None = None
+        self._leaves: list[Tensor] | None = None
+        self._graph_key: tuple | None = None
+        self._graph_loss: Tensor | None = None
+        self._graph_grad: Tensor | None = None
+        self._failures: list[str] = []
+
+    def _bind_parameters(self) -> None:
+        """Read the model's trainable parameters: the operator's variables."""
+        named = [
+            (name, p) for name, p in self.model.named_parameters() if p.requires_grad
+        ]
         if not named:
             raise ValueError(
                 "model has no trainable parameters (none with requires_grad=True); "
@@ -241,31 +291,21 @@ class HessianOperator:
                 "materialize the model (e.g. model.to_empty(device=...) and load "
                 "weights) first"
             )
-        self.model = model
-        self.loss_fn = loss_fn
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
         self.n = sum(self.numels)
-        self.chunks = _make_chunks(data, chunk_size)
-        self.num_examples = sum(n_c for _, _, n_c in self.chunks)
+
+    def rebind(self) -> None:
+        """Take the model's current trainable parameters as the variables again
+        (after a parameter was replaced, frozen, unfrozen or converted); the
+        data chunks are kept. ``n`` may change."""
+        self._bind_parameters()
         self._check_data_devices()
-        self.mode = mode
-        self.requested_method = method
-        self.method = None if method == "auto" else method
-        self.graph_memory = graph_memory
-        self.measure_seconds = measure_seconds
-        self.timings: dict[str, float] = {}
-        self.dropout_seed = dropout_seed
-        self.hvp_count = 0
-        self.graph_bytes: int | None = None
-        self._graph: list[tuple[list[int], list[Tensor]]] | None = None
-        self._leaves: list[Tensor] | None = None
-        self._graph_key: tuple | None = None
-        self._graph_loss: Tensor | None = None
-        self._graph_grad: Tensor | None = None
-        self._failures: list[str] = []
+        self.release()
+        if self.requested_method == "auto":
+            self.method = None
 
     # ------------------------------------------------------------------ layout
 
@@ -359,14 +399,36 @@ class HessianOperator:
     def _weight(self, c: int) -> float:
         return self.chunks[c][2] / self.num_examples
 
-    def _data_key(self) -> tuple:
-        """Changes whenever a data tensor is modified in place or replaced."""
-        return tuple(
-            (t._version, t.data_ptr())
+    def _state_key(self) -> tuple:
+        """Changes whenever a data tensor or a model buffer (BatchNorm running
+        statistics, say) is modified in place or replaced."""
+        data = [
+            t
             for inputs, target, _ in self.chunks
             for t in (*inputs, target)
             if isinstance(t, Tensor)
+        ]
+        buffers = [b for _, b in self.model.named_buffers()]
+        return tuple((t._version, t.data_ptr()) for t in data + buffers)
+
+    def check_parameters(self) -> None:
+        """Raise when the model's trainable parameters are no longer the ones
+        this operator was built on (a parameter replaced, frozen, unfrozen, or
+        converted to another dtype or device)."""
+        current = [p for p in self.model.parameters() if p.requires_grad]
+        same = len(current) == len(self.params) and all(
+            p is q and p.dtype == self.dtype and p.device == self.device
+            for p, q in zip(current, self.params)
         )
+        if not same:
+            got = sorted({f"{p.dtype} on {p.device}" for p in current})
+            raise ParametersChangedError(
+                "the model's trainable parameters changed since this operator was "
+                f"built (it has {len(self.params)} tensors, {self.dtype} on "
+                f"{self.device}; the model now has {len(current)}, {got}): a "
+                "parameter was replaced, (un)frozen or converted; build a new "
+                "operator (a Tracker does so by itself)"
+            )
 
     # ------------------------------------------------------- loss and gradient
 
@@ -376,6 +438,7 @@ class HessianOperator:
         Never touches ``.grad``. With the kept graph this is free (it is the
         graph's first backward).
         """
+        self.check_parameters()
         if self.method in (None, "kept-graph"):
             try:
                 self._ensure_graph()
@@ -400,13 +463,13 @@ class HessianOperator:
     # ---------------------------------------------------------- kept graph
 
     def _graph_is_current(self) -> bool:
-        """The kept graph describes the current parameters and data.
+        """The kept graph describes the current parameters, buffers and data.
 
         Parameters are compared by value with the graph's leaves (copies taken at
         build time), which also sees writes through ``p.data`` that bypass
-        version counters; data by version counter. One host sync.
+        version counters; data and buffers by version counter. One host sync.
         """
-        if self._graph is None or self._data_key() != self._graph_key:
+        if self._graph is None or self._state_key() != self._graph_key:
             return False
         with torch.no_grad():
             changed = torch.stack(
@@ -417,7 +480,7 @@ class HessianOperator:
     def _ensure_graph(self) -> None:
         if self._graph_is_current():
             return
-        key = self._data_key()
+        key = self._state_key()
         self._graph = None
         # Leaves are copies: writes through p.data must not reach the saved graph
         leaves = [p.detach().clone().requires_grad_() for p in self.params]
@@ -672,6 +735,9 @@ class HessianOperator:
             )
         if not V.dtype.is_floating_point:
             raise TypeError(f"V must be floating point; got dtype {V.dtype}")
+        if V.device.type == "meta":
+            raise ValueError(f"V is on the meta device (no values); got {_describe(V)}")
+        self.check_parameters()
         out_dtype = V.dtype
         Vc = V.to(device=self.device, dtype=self.dtype)
         while True:
@@ -688,6 +754,11 @@ class HessianOperator:
         self.hvp_count += V.shape[1]
         # One reduction sees any NaN/inf; the exact check only when it fires
         if not torch.isfinite(HV.sum()) and not torch.isfinite(HV).all():
+            if not torch.isfinite(Vc).all():
+                raise ValueError(
+                    "V holds NaN or inf entries (after conversion to the parameters' "
+                    f"dtype {self.dtype}); got {_describe(V)}"
+                )
             raise NonFiniteError(
                 "the Hessian-vector product is not finite (NaN or inf): check the "
                 "loss at the current parameters"

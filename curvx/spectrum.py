@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvx._validate import as_int
 from curvx.lanczos import EigResult, default_tol, lanczos
 from curvx.operators import HessianOperator
 
@@ -48,17 +49,23 @@ def eigsh(
             (1e-8 float64, 1e-4 float32, 1e-2 lower).
         block_size, max_basis, max_hvps, v0, callback: see
             :func:`curvx.lanczos.solve`.
-        seed: seed of the private generator for random start vectors.
+        seed: seed of the private generator for random start vectors, and of
+            the fixed dropout masks under ``mode="train"``.
 
     Returns:
         :class:`curvx.lanczos.EigResult`; eigenvectors are ``[n, k]`` in the
         flattened order of the model's trainable parameters.
     """
     op = HessianOperator(
-        model, loss_fn, data, chunk_size=chunk_size, method=method, mode=mode
+        model,
+        loss_fn,
+        data,
+        chunk_size=chunk_size,
+        method=method,
+        mode=mode,
+        dropout_seed=seed,
     )
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive int; got {k!r}")
+    k = as_int(k, "k")
     if k > op.n:
         raise ValueError(
             f"k={k} is larger than the number of trainable parameters n = {op.n}"

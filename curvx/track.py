@@ -37,8 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from curvx import rotation
+from curvx._validate import as_int
 from curvx.lanczos import EigResult, default_tol, solve
-from curvx.operators import HessianOperator, NonFiniteError
+from curvx.operators import HessianOperator, NonFiniteError, ParametersChangedError
 
 __all__ = ["Tracker", "TrackRecord", "track"]
 
@@ -179,10 +180,8 @@ class Tracker:
         min_iterations: int = 3,
         cold_every: int = 50,
     ) -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be a positive int; got {k!r}")
-        if not isinstance(guard, int) or guard < 0:
-            raise ValueError(f"guard must be an int >= 0; got {guard!r}")
+        k = as_int(k, "k")
+        guard = as_int(guard, "guard", 0)
         self.operator = HessianOperator(
             model,
             loss_fn,
@@ -192,26 +191,18 @@ class Tracker:
             mode=mode,
             dropout_seed=seed,
         )
-        k_total = k + int(bool(lambda_min))
-        if k_total > self.operator.n:
-            raise ValueError(
-                f"k={k}{' + 1 (lambda_min)' if lambda_min else ''} is larger than the "
-                f"number of trainable parameters n = {self.operator.n}"
-            )
         self.model = model
         self.k = k
         self.lambda_min = bool(lambda_min)
+        self._tol = tol
+        self._check_size()
         self.tol = default_tol(self.operator.dtype) if tol is None else float(tol)
-        if not isinstance(min_iterations, int) or min_iterations < 1:
-            raise ValueError(
-                f"min_iterations must be an int >= 1; got {min_iterations!r}"
-            )
-        if not isinstance(cold_every, int) or cold_every < 0:
-            raise ValueError(f"cold_every must be an int >= 0; got {cold_every!r}")
+        min_iterations = as_int(min_iterations, "min_iterations")
+        cold_every = as_int(cold_every, "cold_every", 0)
         self.min_iterations = min_iterations
         self.cold_every = cold_every
         self.guard = guard
-        self.block_size = min(self.operator.n, k_total + guard)
+        self.block_size = min(self.operator.n, self.k + int(self.lambda_min) + guard)
         self.max_hvps = max_hvps
         self.cluster_rtol = cluster_rtol
         self.seed = seed
@@ -235,6 +226,27 @@ class Tracker:
             "min_iterations": self.min_iterations,
             "cold_every": self.cold_every,
         }
+
+    def _check_size(self) -> None:
+        if self.k + int(self.lambda_min) > self.operator.n:
+            raise ValueError(
+                f"k={self.k}{' + 1 (lambda_min)' if self.lambda_min else ''} is "
+                "larger than the number of trainable parameters n = "
+                f"{self.operator.n}"
+            )
+
+    def _rebind(self) -> None:
+        """Follow a model whose trainable parameters were replaced, (un)frozen or
+        converted: new variables, so the warm start and the reference go."""
+        self.operator.rebind()
+        self._check_size()
+        if self._tol is None:
+            self.tol = default_tol(self.operator.dtype)
+        self.block_size = min(
+            self.operator.n, self.k + int(self.lambda_min) + self.guard
+        )
+        self.reset()
+        self._reference = None
 
     def pin_reference(self) -> None:
         """Use the most recent top-k subspace as the reference for later steps."""
@@ -305,7 +317,16 @@ class Tracker:
                 raise ValueError(f"lr must be a positive number or None; got {lr!r}")
             lr = float(lr)
         t0 = time.perf_counter()
+        note = None
+        try:
+            self.operator.check_parameters()
+        except ParametersChangedError:
+            self._rebind()
+            note = "the model's trainable parameters changed: cold start"
         op = self.operator
+        # The loss (a closure's state, say) may have changed since the last call
+        # even where the parameters did not: rebuild the kept graph
+        op.release()
         hv0 = op.hvp_count
         threshold = 2.0 / lr if lr else None
         rec = TrackRecord(
@@ -317,6 +338,7 @@ class Tracker:
             residuals=[],
             converged=[],
             threshold=threshold,
+            message=note,
         )
         try:
             loss, _ = op.loss_and_grad()

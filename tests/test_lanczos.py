@@ -136,7 +136,7 @@ def test_bad_arguments():
     A = _sym(torch.linspace(-1, 1, 10, dtype=torch.float64))
     with pytest.raises(ValueError, match="only n = 10"):
         lanczos(A, k=11)
-    with pytest.raises(ValueError, match="k must be a positive int"):
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
         lanczos(A, k=0)
     with pytest.raises(ValueError, match="which"):
         lanczos(A, k=1, which="LM")
@@ -211,9 +211,36 @@ def test_bad_solver_settings():
         ({"max_hvps": -5}, "max_hvps"),
         ({"block_size": 0}, "block_size"),
         ({"min_iterations": 0}, "min_iterations"),
+        ({"max_hvps": 1, "block_size": 2}, "one block step costs block_size = 2"),
+        ({"block_size": 2.0}, "block_size must be an int"),
     ]:
         with pytest.raises(ValueError, match=msg):
             lanczos(A, k=1, **kw)
+
+
+def test_budget_below_a_dense_solve_is_refused():
+    A = _sym(torch.linspace(-1, 1, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="solved densely with n products"):
+        lanczos(A, k=1, max_hvps=5)
+    assert lanczos(A, k=1, max_hvps=12).hvps == 12
+
+
+def test_eigsh_seed_draws_the_dropout_masks_in_train_mode():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8),
+        torch.nn.Tanh(),
+        torch.nn.Dropout(0.5),
+        torch.nn.Linear(8, 2),
+    ).double()
+    X, y = data(30, 4, 2)
+
+    def top(seed):
+        res = curvx.eigsh(model, mse_sum, (X, y), k=1, mode="train", seed=seed)
+        return float(res.eigenvalues[0])
+
+    assert top(0) == top(0)
+    assert top(0) != pytest.approx(top(5), rel=1e-6)
 
 
 def test_v0_that_is_a_close_second_eigenvector_is_not_accepted():

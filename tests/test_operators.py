@@ -528,3 +528,79 @@ def test_silently_wrong_double_backward_is_caught_by_symmetry():
     # an explicit exact method cannot be trusted here: the solver refuses it
     with pytest.raises(ValueError, match="not symmetric"):
         curvx.eigsh(Net(True), mse_sum, (X, y), k=1, method="kept-graph")
+
+
+def test_kept_graph_follows_buffer_changes():
+    # Running statistics moved by a train-mode forward (or torch.optim.swa_utils'
+    # update_bn) change the eval-mode Hessian without touching a parameter
+    model = _bn_model()
+    X, y = data(20, 4, 2)
+    op = HessianOperator(model, mse_sum, (X, y), method="kept-graph")
+    v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator())
+    op.matvec(v)
+    model.train()
+    for _ in range(3):
+        model(X * 3.0)
+    model.eval()
+    H = dense_hessian(model, mse_sum, X, y)
+    assert float((H @ v).norm()) > 1e-3  # a product worth comparing
+    assert torch.allclose(op.matvec(v), H @ v, atol=1e-10)
+
+
+def test_replaced_parameters_are_refused_until_rebind():
+    model = mlp([3, 5, 2], seed=3)
+    X, y = data(9, 3, 2)
+    op = HessianOperator(model, mse_sum, (X, y))
+    v = torch.ones(op.n, dtype=torch.float64)
+    op.matvec(v)
+    model[0].weight = nn.Parameter(model[0].weight.detach() * 2.0)
+    with pytest.raises(curvx.ParametersChangedError, match="replaced"):
+        op.matvec(v)
+    with pytest.raises(curvx.ParametersChangedError):
+        op.loss_and_grad()
+    op.rebind()
+    H = dense_hessian(model, mse_sum, X, y)
+    assert torch.allclose(op.matvec(v), H @ v, atol=1e-12)
+
+    # Freezing a layer changes n: rebind follows
+    model[2].bias.requires_grad_(False)
+    with pytest.raises(curvx.ParametersChangedError):
+        op.matvec(v)
+    op.rebind()
+    assert op.n == v.numel() - 2
+
+
+def test_data_errors_name_the_wrong_half():
+    model = mlp([3, 2])
+    X, y = data(4, 3, 2)
+    with pytest.raises(TypeError, match="y as a tensor.*got y NoneType"):
+        HessianOperator(model, mse_sum, (X, None))
+    with pytest.raises(TypeError, match="inputs X must be a tensor.*got dict"):
+        HessianOperator(model, mse_sum, ({"x": X}, y))
+    with pytest.raises(ValueError, match=r"batch 1 .*leading sizes \[4, 3\]"):
+        HessianOperator(model, mse_sum, [(X, y), (X, y[:3])])
+    # A target that is not a tensor is fine in the list-of-batches form
+    op = HessianOperator(model, lambda out, t: mse_sum(out, t["y"]), [(X, {"y": y})])
+    H = dense_hessian(model, mse_sum, X, y)
+    assert torch.allclose(op.matvec(torch.ones(op.n, dtype=torch.float64)), H.sum(1))
+
+
+def test_bad_V_values_blame_V():
+    model = mlp([3, 2])
+    op = HessianOperator(model, mse_sum, data(4, 3, 2))
+    V = torch.ones(op.n, 2, dtype=torch.float64)
+    V[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="V holds NaN"):
+        op.matmat(V)
+    with pytest.raises(ValueError, match="V is on the meta device"):
+        op.matmat(torch.ones(op.n, 2, device="meta"))
+
+
+def test_integer_like_arguments_are_accepted():
+    np = pytest.importorskip("numpy")
+    model = mlp([3, 2])
+    X, y = data(10, 3, 2)
+    op = HessianOperator(model, mse_sum, (X, y), chunk_size=np.int64(3))
+    assert [n_c for _, _, n_c in op.chunks] == [3, 3, 3, 1]
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1; got 2.5"):
+        HessianOperator(model, mse_sum, (X, y), chunk_size=2.5)

@@ -168,7 +168,7 @@ def test_bad_tracker_arguments():
     X, y = data(5, 3, 2)
     with pytest.raises(ValueError, match=r"k=8 \+ 1 \(lambda_min\).*n = 8"):
         curvx.track(model, mse_sum, (X, y), k=8, lambda_min=True)
-    with pytest.raises(ValueError, match="k must be a positive int"):
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
         curvx.track(model, mse_sum, (X, y), k=0)
 
 
@@ -270,3 +270,62 @@ def test_cold_every_restarts_the_warm_state_periodically():
     assert [never.step().warm_start for _ in range(3)] == [False, True, True]
     with pytest.raises(ValueError, match="cold_every"):
         curvx.track(model, mse_sum, (X, y), k=1, cold_every=-1)
+
+
+def test_buffer_changes_between_steps_are_seen():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2)
+    ).double()
+    X, y = data(32, 4, 2)
+    tracker = curvx.track(model, mse_sum, (X, y), k=1)
+    tracker.step()
+    model.train()
+    for _ in range(5):
+        model(X)  # only the running statistics move
+    model.eval()
+    rec = tracker.step()
+    top = torch.linalg.eigvalsh(dense_hessian(model, mse_sum, X, y))[-1]
+    assert rec.sharpness == pytest.approx(float(top), rel=1e-7)
+
+
+def test_loss_changes_between_steps_are_seen():
+    model = mlp([3, 6, 2], seed=4)
+    X, y = data(16, 3, 2)
+    scale = {"s": 1.0}
+
+    def loss_fn(out, target):
+        return scale["s"] * mse_sum(out, target)
+
+    tracker = curvx.track(model, loss_fn, (X, y), k=1)
+    first = tracker.step().sharpness
+    scale["s"] = 10.0
+    assert tracker.step().sharpness == pytest.approx(10.0 * first, rel=1e-7)
+
+
+def test_replaced_parameter_gives_a_cold_start_on_the_new_model():
+    model = mlp([3, 6, 2], seed=5)
+    X, y = data(16, 3, 2)
+    tracker = curvx.track(model, mse_sum, (X, y), k=2)
+    tracker.step()
+    model[0].weight = nn.Parameter(model[0].weight.detach() * 1.5)
+    rec = tracker.step()
+    assert not rec.warm_start and "changed" in rec.message
+    assert rec.rotation_top1 is None  # no rotation across different variables
+    ev = torch.linalg.eigvalsh(dense_hessian(model, mse_sum, X, y)).flip(0)[:2]
+    assert torch.allclose(torch.tensor(rec.eigenvalues, dtype=ev.dtype), ev, rtol=1e-7)
+    assert tracker.step().warm_start
+
+    # A dtype conversion that no longer matches the data is named, not a crash
+    # deep in the model
+    model.float()
+    with pytest.raises(TypeError, match="float64.*float32"):
+        tracker.step()
+
+
+def test_numpy_integers_are_accepted_for_k():
+    np = pytest.importorskip("numpy")
+    model = mlp([3, 6, 2], seed=5)
+    X, y = data(16, 3, 2)
+    assert len(curvx.track(model, mse_sum, (X, y), k=np.int64(2)).step().eigenvalues)
+    assert len(curvx.eigsh(model, mse_sum, (X, y), k=np.int32(2)).eigenvalues) == 2

@@ -13,16 +13,20 @@ Exit codes of ``curvx train``: 0 when the run finished, including a run that
 diverged (non-finite loss: the run stops cleanly, ``summary.json`` has
 ``"status": "diverged"`` and ``"diverged_at_step"``); 2 for invalid arguments, a
 missing dataset or an occupied run folder (message on stderr); 130 when interrupted
-(Ctrl-C; the summary says ``"interrupted"``); 1 for an unexpected error (traceback;
+by Ctrl-C and 143 by SIGTERM (the summary says ``"interrupted"``, plots are drawn);
+1 for an unexpected error (traceback;
 the summary says ``"error"``). Everything written before the end stays on disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import signal
 import sys
+import threading
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,29 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interrupt so the run folder is closed the same way."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While training, SIGTERM (a job scheduler's stop) ends the run like Ctrl-C:
+    summary and plots are written before the process exits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _int_at_least(low: int):
@@ -302,12 +329,13 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         overwrite=args.overwrite,
     )
     try:
-        summary = run_training(cfg, command=["curvx", *argv])
+        with _sigterm_interrupts():
+            summary = run_training(cfg, command=["curvx", *argv])
     except (ConfigError, DatasetError) as exc:
         return _error("train", str(exc))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("curvx train: interrupted; metrics kept in " + out, file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
     if not args.quiet:
         print(_describe(summary))
     if summary.get("n_track_failures"):
