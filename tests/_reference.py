@@ -19,8 +19,12 @@ def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
-def dense_hessian(model: nn.Module, loss_fn, X, y, train_mode: bool = False):
-    """``[n, n]`` Hessian of ``loss_fn(model(X), y)`` by torch.func.hessian."""
+def dense_hessian(
+    model: nn.Module, loss_fn, X, y, train_mode: bool = False, autograd: bool = False
+):
+    """``[n, n]`` Hessian of ``loss_fn(model(X), y)`` by torch.func.hessian, or
+    row by row with plain double backward (``autograd=True``, and always in
+    ``train_mode``)."""
     if train_mode:
         # Batch statistics without running-stat updates (they would mutate buffers)
         model = copy.deepcopy(model)
@@ -43,10 +47,11 @@ def dense_hessian(model: nn.Module, loss_fn, X, y, train_mode: bool = False):
     try:
         for m, _ in was:
             m.training = train_mode
-        if train_mode:
-            # torch.func.hessian of train-mode BatchNorm disagrees with double
-            # backward and with finite differences here (seen on torch 2.14):
-            # build the rows with plain autograd instead.
+        if train_mode or autograd:
+            # torch.func.hessian of train-mode BatchNorm and of LayerNorm
+            # disagrees with double backward and with finite differences here,
+            # and is not even symmetric (seen on torch 2.14): build the rows
+            # with plain autograd instead.
             x = flat0.clone().requires_grad_()
             (g,) = torch.autograd.grad(f(x), x, create_graph=True)
             rows = [

@@ -604,3 +604,25 @@ def test_integer_like_arguments_are_accepted():
     assert [n_c for _, _, n_c in op.chunks] == [3, 3, 3, 1]
     with pytest.raises(ValueError, match="chunk_size must be an int >= 1; got 2.5"):
         HessianOperator(model, mse_sum, (X, y), chunk_size=2.5)
+
+
+def test_layernorm_products_match_double_backward():
+    # torch.func.hessian is not symmetric on LayerNorm here (torch 2.14): the
+    # reference is the double-backward one, confirmed by finite differences
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.LayerNorm(6), nn.GELU(), nn.Linear(6, 3)
+    ).double()
+    X = torch.randn(20, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    ce = nn.functional.cross_entropy
+    H = dense_hessian(model, ce, X, y, autograd=True)
+    assert torch.allclose(H, H.T, atol=1e-14)
+    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    for method in EXACT:
+        assert torch.allclose(curvx.hvp(model, ce, (X, y), eye, method=method), H)
+    fd = curvx.hvp(model, ce, (X, y), eye, method="finite-difference")
+    assert torch.allclose(fd, H, atol=1e-7)
+    ev = torch.linalg.eigvalsh(H)
+    res = curvx.eigsh(model, ce, (X, y), k=2, which="BE", chunk_size=7)
+    assert torch.allclose(res.eigenvalues, torch.stack([ev[-1], ev[0]]), atol=1e-10)
