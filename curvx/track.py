@@ -194,15 +194,13 @@ class Tracker:
         self.model = model
         self.k = k
         self.lambda_min = bool(lambda_min)
-        self._tol = tol
+        self._tol = None if tol is None else float(tol)
         self._check_size()
-        self.tol = default_tol(self.operator.dtype) if tol is None else float(tol)
         min_iterations = as_int(min_iterations, "min_iterations")
         cold_every = as_int(cold_every, "cold_every", 0)
         self.min_iterations = min_iterations
         self.cold_every = cold_every
         self.guard = guard
-        self.block_size = min(self.operator.n, self.k + int(self.lambda_min) + guard)
         self.max_hvps = max_hvps
         self.cluster_rtol = cluster_rtol
         self.seed = seed
@@ -227,6 +225,16 @@ class Tracker:
             "cold_every": self.cold_every,
         }
 
+    @property
+    def tol(self) -> float:
+        """Relative residual tolerance (default from the parameters' dtype)."""
+        return default_tol(self.operator.dtype) if self._tol is None else self._tol
+
+    @property
+    def block_size(self) -> int:
+        """Block columns of a cold solve: the tracked pairs and the guards."""
+        return min(self.operator.n, self.k + int(self.lambda_min) + self.guard)
+
     def _check_size(self) -> None:
         if self.k + int(self.lambda_min) > self.operator.n:
             raise ValueError(
@@ -240,11 +248,6 @@ class Tracker:
         converted: new variables, so the warm start and the reference go."""
         self.operator.rebind()
         self._check_size()
-        if self._tol is None:
-            self.tol = default_tol(self.operator.dtype)
-        self.block_size = min(
-            self.operator.n, self.k + int(self.lambda_min) + self.guard
-        )
         self.reset()
         self._reference = None
 
