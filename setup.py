@@ -44,10 +44,14 @@ def get_extensions():
         )
     with_cuda = mode == "1" or (mode == "auto" and toolkit)
 
-    sources = ["csrc/ops.cpp", "csrc/cpu/lanczos_kernels.cpp"]
+    sources = [
+        "csrc/ops.cpp",
+        "csrc/cpu/lanczos_kernels.cpp",
+        "csrc/cpu/block_kernels.cpp",
+    ]
     cxx = list(CXX_FLAGS)
     if with_cuda:
-        sources.append("csrc/cuda/lanczos_kernels.cu")
+        sources += ["csrc/cuda/lanczos_kernels.cu", "csrc/cuda/block_kernels.cu"]
         cxx.append("-DCURVX_WITH_CUDA")
         make = cpp_extension.CUDAExtension
     else:

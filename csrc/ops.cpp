@@ -1,8 +1,8 @@
 // Schemas of the curvx ops (namespace torch.ops.curvx), declared once here.
 //
-// Each backend registers its kernels at the foot of its own file: csrc/cpu/lanczos_kernels.cpp
-// (CPU) and csrc/cuda/lanczos_kernels.cu (CUDA). Fake (meta) kernels are registered from
-// Python in curvx/_ops.py. Shapes: n rows, block size b, m or r earlier columns, p blocks.
+// Each backend registers its kernels at the foot of its own files: csrc/cpu/*.cpp (CPU) and
+// csrc/cuda/*.cu (CUDA). Fake (meta) kernels are registered from Python in curvx/_ops.py.
+// Shapes: n rows, block size b (k for the block-layout ops), m or r earlier columns, p blocks.
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -14,6 +14,18 @@ TORCH_LIBRARY(curvx, m) {
   m.def("lanczos_step(Tensor W, Tensor Q_cur, Tensor Q_prev, Tensor B_prev) -> (Tensor, Tensor)");
   // head [r, r], coupling [b, r], alphas [p, b, b], betas [p-1, b, b] -> T [r+p*b, r+p*b].
   m.def("assemble_tridiag(Tensor head, Tensor coupling, Tensor alphas, Tensor betas) -> Tensor");
+
+  // Block layout: a block [n, k] of k vectors against the model's per-parameter tensors
+  // [k, *shape_p], part p holding numels[p] = prod(shape_p) rows, n = sum(numels).
+  // parts [k, *shape_p] (None for zeros) -> block [n, k] = weight * stack, in dtype (the parts'
+  // by default).
+  m.def(
+      "pack_block(Tensor?[] parts, int[] numels, int k, float weight=1.0, ScalarType? dtype=None) "
+      "-> Tensor");
+  // block [n, k] (dense rows) += weight * stack of parts (None parts add nothing).
+  m.def("pack_block_add_(Tensor(a!) block, Tensor?[] parts, int[] numels, float weight=1.0) -> ()");
+  // V [n, k] -> flat [k * n] holding part p as a contiguous [k, numels[p]] at k * sum(numels[:p]).
+  m.def("unpack_block(Tensor V, int[] numels, ScalarType? dtype=None) -> Tensor");
 }
 
 #define CURVX_STR_(x) #x

@@ -16,7 +16,16 @@ the first CUDA call when the build has no CUDA kernels. Setting
 Shapes: ``n`` rows (parameters), block size ``b``, ``m`` or ``r`` earlier basis
 columns, ``p`` Lanczos blocks. The n-row matrices (``Q``, ``V``, ``W``) are float32,
 float64 or bfloat16 and share one dtype; the small matrices (``A``, ``B``, ``C``,
-``T``) are float64. All products accumulate in float64.
+``T``) are float64. All products accumulate in float64. Matrices whose rows are dense
+(a column slice ``Q[:, :cols]`` of a wider basis, say) are read in place.
+
+The block-layout functions move a block of ``k`` vectors between the solver's
+``[n, k]`` and the model's per-parameter ``[k, *shape_p]`` tensors (``n`` the sum of
+the parameters' sizes), each in one kernel launch over all parameters:
+:func:`pack_block` (stack, times a weight, None parts as zeros),
+:func:`pack_block_add_` (accumulate a chunk's products into a block with the chunk's
+weight) and :func:`unpack_block` (split into contiguous per-parameter views of one
+buffer); their references are the ATen composites they replace.
 """
 
 from __future__ import annotations
@@ -26,8 +35,10 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +55,12 @@ __all__ = [
     "lanczos_step_ref",
     "orthogonalize",
     "orthogonalize_ref",
+    "pack_block",
+    "pack_block_add_",
+    "pack_block_add_ref",
+    "pack_block_ref",
+    "unpack_block",
+    "unpack_block_ref",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,7 +71,8 @@ REBUILD_HINT = (
     "`pip install --no-build-isolation -e .` in the curvx source folder"
 )
 _BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
-_N_ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+#: dtypes of the n-row matrices and blocks the kernels take.
+N_ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------
@@ -84,7 +102,7 @@ def _check_size(op: str, name: str, t: Tensor, d: int, expected: int, what: str)
 
 
 def _check_n_row_dtype(op: str, name: str, t: Tensor) -> None:
-    if t.dtype not in _N_ROW_DTYPES:
+    if t.dtype not in N_ROW_DTYPES:
         raise TypeError(
             f"curvx.{op}: {name} must be torch.float32, torch.float64 or "
             f"torch.bfloat16, got {t.dtype}"
@@ -166,6 +184,107 @@ def _check_assemble_tridiag(
     _check_size(op, "betas", betas, 0, max(p - 1, 0), "max(alphas.size(0) - 1, 0)")
     _check_size(op, "betas", betas, 1, b, "alphas.size(1)")
     _check_size(op, "betas", betas, 2, b, "alphas.size(1)")
+
+
+def _check_numels(op: str, numels: Sequence[int]) -> None:
+    for i, m in enumerate(numels):
+        if m < 0:
+            raise ValueError(f"curvx.{op}: numels[{i}] must be >= 0, got {m}")
+
+
+def _check_dtype_arg(op: str, dtype: torch.dtype | None) -> None:
+    if dtype is not None and dtype not in N_ROW_DTYPES:
+        raise TypeError(
+            f"curvx.{op}: dtype must be torch.float32, torch.float64 or "
+            f"torch.bfloat16, got {dtype}"
+        )
+
+
+def _check_lengths(op: str, parts: Sequence[Tensor | None], numels: Sequence[int]):
+    if len(parts) != len(numels):
+        raise ValueError(
+            f"curvx.{op}: parts and numels must have the same length, got "
+            f"{len(parts)} and {len(numels)}"
+        )
+
+
+def _check_parts(
+    op: str,
+    parts: Sequence[Tensor | None],
+    numels: Sequence[int],
+    k: int,
+    weight: float,
+    block: Tensor | None,
+) -> int:
+    """Checks the parts given; returns the index of the first one (-1: none)."""
+    if not math.isfinite(weight):
+        raise ValueError(f"curvx.{op}: weight must be finite, got {weight}")
+    first = -1
+    for i, t in enumerate(parts):
+        if t is None:
+            continue
+        name = f"parts[{i}]"
+        _check_n_row_dtype(op, name, t)
+        if first < 0:
+            first = i
+        else:
+            _check_same_dtype(op, name, t, f"parts[{first}]", parts[first])
+        if block is not None:
+            _check_same_device(op, name, t, "block", block)
+        elif first != i:
+            _check_same_device(op, name, t, f"parts[{first}]", parts[first])
+        if t.dim() < 1 or t.shape[0] != k or t.numel() != k * numels[i]:
+            raise ValueError(
+                f"curvx.{op}: {name} must have sizes [k, *shape] with k = {k} and "
+                f"k * numels[{i}] = {k * numels[i]} entries, got sizes {_sizes(t)}"
+            )
+    return first
+
+
+def _check_pack_block(
+    parts: Sequence[Tensor | None],
+    numels: Sequence[int],
+    k: int,
+    weight: float,
+    dtype: torch.dtype | None,
+) -> int:
+    op = "pack_block"
+    _check_lengths(op, parts, numels)
+    _check_numels(op, numels)
+    if k < 0:
+        raise ValueError(f"curvx.{op}: k must be >= 0, got {k}")
+    _check_dtype_arg(op, dtype)
+    return _check_parts(op, parts, numels, k, weight, None)
+
+
+def _check_pack_block_add(
+    block: Tensor, parts: Sequence[Tensor | None], numels: Sequence[int], weight: float
+) -> None:
+    op = "pack_block_add_"
+    _check_lengths(op, parts, numels)
+    _check_numels(op, numels)
+    _check_dim(op, "block", block, 2)
+    _check_n_row_dtype(op, "block", block)
+    _check_size(op, "block", block, 0, sum(numels), "sum(numels)")
+    rows, k = block.shape
+    dense = k <= 1 or block.stride(1) == 1
+    apart = rows <= 1 or block.stride(0) >= k
+    if not (dense and apart):
+        raise ValueError(
+            f"curvx.{op}: block must have rows of adjacent entries that do not overlap "
+            f"(stride(1) == 1 and stride(0) >= size(1)), got strides "
+            f"{list(block.stride())} for sizes {_sizes(block)}"
+        )
+    _check_parts(op, parts, numels, k, weight, block)
+
+
+def _check_unpack_block(V: Tensor, numels: Sequence[int], dtype) -> None:
+    op = "unpack_block"
+    _check_numels(op, numels)
+    _check_dim(op, "V", V, 2)
+    _check_n_row_dtype(op, "V", V)
+    _check_size(op, "V", V, 0, sum(numels), "sum(numels)")
+    _check_dtype_arg(op, dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -263,6 +382,131 @@ def assemble_tridiag_ref(
     return T
 
 
+def _numels(shapes: Sequence[Sequence[int]]) -> list[int]:
+    return [math.prod(shape) for shape in shapes]
+
+
+def _zeros_for_none(
+    parts: Sequence[Tensor | None], first: int, dtype, device
+) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of the block: the first part's, else the arguments'."""
+    if first >= 0:
+        ref = parts[first]
+        return dtype or ref.dtype, ref.device
+    if dtype is None or device is None:
+        raise ValueError(
+            "curvx.pack_block: every part is None: pass dtype and device for the "
+            "block of zeros"
+        )
+    return dtype, torch.device(device)
+
+
+def pack_block_ref(
+    parts: Sequence[Tensor | None],
+    numels: Sequence[int],
+    k: int,
+    *,
+    weight: float = 1.0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Stacks per-parameter blocks into one ``[n, k]`` block, times ``weight``.
+
+    The ATen composite (one transpose view per part and a ``torch.cat``) that
+    :func:`pack_block`'s kernels replace with one launch.
+
+    Args:
+        parts: ``parts[p]`` ``[k, *shape_p]`` holding ``k * numels[p]`` entries, or
+            None for zeros; the parts given share one dtype and device.
+        numels: ``numels[p]``, the entries of one vector in part ``p``.
+        k: number of vectors.
+        weight: finite factor applied to every entry.
+        dtype: dtype of the block (default: the parts').
+        device: device of the block when every part is None (else the parts').
+
+    Returns:
+        ``[n, k]`` with ``n = sum(numels)``: rows ``sum(numels[:p])`` onward hold
+        ``weight * parts[p].reshape(k, -1).T``.
+    """
+    first = _check_pack_block(parts, numels, k, weight, dtype)
+    dtype, device = _zeros_for_none(parts, first, dtype, device)
+    part_dtype = parts[first].dtype if first >= 0 else dtype
+    cols = [
+        torch.zeros(m, k, dtype=part_dtype, device=device)
+        if t is None
+        else t.reshape(k, m).T
+        for t, m in zip(parts, numels)
+    ]
+    block = (
+        torch.cat(cols, dim=0)
+        if cols
+        else torch.zeros(0, k, dtype=part_dtype, device=device)
+    )
+    if weight != 1.0:
+        block = block * weight
+    return block.to(dtype)
+
+
+def pack_block_add_ref(
+    block: Tensor,
+    parts: Sequence[Tensor | None],
+    numels: Sequence[int],
+    weight: float = 1.0,
+) -> Tensor:
+    """``block += weight * stack(parts)`` in place (the ATen composite); returns it.
+
+    Args:
+        block: ``[n, k]`` accumulator with rows of adjacent entries (a column slice of
+            a wider matrix is fine), any n-row dtype.
+        parts: as for :func:`pack_block_ref`, on ``block``'s device; None adds nothing.
+        numels: as for :func:`pack_block_ref`, ``sum(numels) = n``.
+        weight: finite factor.
+    """
+    _check_pack_block_add(block, parts, numels, weight)
+    k = block.shape[1]
+    row = 0
+    for t, m in zip(parts, numels):
+        if t is not None:
+            block[row : row + m].add_(t.reshape(k, m).T.to(block.dtype), alpha=weight)
+        row += m
+    return block
+
+
+def unpack_block_ref(
+    V: Tensor, shapes: Sequence[Sequence[int]], dtype: torch.dtype | None = None
+) -> list[Tensor]:
+    """Splits a block ``[n, k]`` into per-parameter blocks ``[k, *shape_p]``.
+
+    The ATen composite (a split and one transposing copy per part) that
+    :func:`unpack_block`'s kernels replace with one launch.
+
+    Args:
+        V: ``[n, k]`` block, ``n = sum(prod(shape_p))``.
+        shapes: ``shapes[p]``, the shape of parameter ``p``.
+        dtype: dtype of the parts (default: ``V``'s).
+
+    Returns:
+        ``[k, *shape_p]`` per part, contiguous.
+    """
+    numels = _numels(shapes)
+    _check_unpack_block(V, numels, dtype)
+    k = V.shape[1]
+    return [
+        part.T.to(dtype or V.dtype).reshape(k, *shape).contiguous()
+        for part, shape in zip(V.split(numels, dim=0), shapes)
+    ]
+
+
+def _views_of(flat: Tensor, k: int, shapes: Sequence[Sequence[int]]) -> list[Tensor]:
+    """The parts ``[k, *shape_p]`` of unpack_block's flat buffer, as views."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = k * math.prod(shape)
+        views.append(flat[offset : offset + size].view(k, *shape))
+        offset += size
+    return views
+
+
 # --------------------------------------------------------------------------------------
 # Loading the extension
 # --------------------------------------------------------------------------------------
@@ -329,12 +573,28 @@ def _load_extension(
             f"but torch {torch.__version__} runs"
         )
         return _Extension(True, False, False, reason, build)
+    missing = [name for name in _OP_NAMES if not hasattr(torch.ops.curvx, name)]
+    if missing:
+        reason = (
+            f"{module} was built from older sources: it lacks the ops "
+            f"{', '.join(missing)}"
+        )
+        return _Extension(True, False, False, reason, build)
     _register_fakes()
     cuda_kernels = bool(getattr(lib, "cuda_kernels", build.get("cuda_kernels", False)))
     logger.debug("loaded %s (CUDA kernels: %s)", module, cuda_kernels)
     return _Extension(True, True, cuda_kernels, None, build)
 
 
+#: The ops curvx._C must register (csrc/ops.cpp).
+_OP_NAMES = (
+    "orthogonalize",
+    "lanczos_step",
+    "assemble_tridiag",
+    "pack_block",
+    "pack_block_add_",
+    "unpack_block",
+)
 _fakes_registered = False
 
 
@@ -362,6 +622,26 @@ def _register_fakes() -> None:
         _check_assemble_tridiag(head, coupling, alphas, betas)
         N = head.shape[0] + alphas.shape[0] * alphas.shape[1]
         return head.new_empty((N, N))
+
+    @torch.library.register_fake("curvx::pack_block")
+    def _(parts, numels, k, weight=1.0, dtype=None):
+        first = _check_pack_block(parts, numels, k, weight, dtype)
+        if first < 0:
+            raise ValueError(
+                "curvx.pack_block: parts must hold at least one tensor, got only None "
+                "(the Python wrapper returns zeros for that case)"
+            )
+        ref = parts[first]
+        return ref.new_empty((sum(numels), k), dtype=dtype or ref.dtype)
+
+    @torch.library.register_fake("curvx::pack_block_add_")
+    def _(block, parts, numels, weight=1.0):
+        _check_pack_block_add(block, parts, numels, weight)
+
+    @torch.library.register_fake("curvx::unpack_block")
+    def _(V, numels, dtype=None):
+        _check_unpack_block(V, numels, dtype)
+        return V.new_empty((V.shape[0] * V.shape[1],), dtype=dtype or V.dtype)
 
     _fakes_registered = True
 
@@ -463,3 +743,64 @@ def assemble_tridiag(
     if _use_kernels(head.device):
         return torch.ops.curvx.assemble_tridiag(head, coupling, alphas, betas)
     return assemble_tridiag_ref(head, coupling, alphas, betas)
+
+
+def _differentiable(*tensors: Tensor | None) -> bool:
+    """Whether autograd must see the computation (the kernels have no backward)."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors
+    )
+
+
+def pack_block(
+    parts: Sequence[Tensor | None],
+    numels: Sequence[int],
+    k: int,
+    *,
+    weight: float = 1.0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Per-parameter blocks ``[k, *shape_p]`` (None: zeros) -> ``weight *`` ``[n, k]``.
+
+    One kernel launch for all parts (compiled) or :func:`pack_block_ref`; see there
+    for the arguments. Inputs that require grad take the reference, which autograd
+    can differentiate.
+    """
+    parts = list(parts)
+    ref = next((t for t in parts if t is not None), None)
+    if ref is not None and _use_kernels(ref.device) and not _differentiable(*parts):
+        return torch.ops.curvx.pack_block(parts, list(numels), k, weight, dtype)
+    return pack_block_ref(parts, numels, k, weight=weight, dtype=dtype, device=device)
+
+
+def pack_block_add_(
+    block: Tensor,
+    parts: Sequence[Tensor | None],
+    numels: Sequence[int],
+    weight: float = 1.0,
+) -> Tensor:
+    """``block [n, k] += weight * stack(parts)`` in place; returns ``block``.
+
+    Accumulates a chunk's per-parameter products into the block with the chunk's
+    weight in one kernel launch (compiled) or :func:`pack_block_add_ref`.
+    """
+    parts = list(parts)
+    if _use_kernels(block.device) and not _differentiable(block, *parts):
+        torch.ops.curvx.pack_block_add_(block, parts, list(numels), weight)
+        return block
+    return pack_block_add_ref(block, parts, numels, weight)
+
+
+def unpack_block(
+    V: Tensor, shapes: Sequence[Sequence[int]], dtype: torch.dtype | None = None
+) -> list[Tensor]:
+    """Block ``[n, k]`` -> per-parameter blocks ``[k, *shape_p]``.
+
+    Compiled: one launch writes one contiguous buffer and the parts are views of it
+    (each contiguous). Otherwise :func:`unpack_block_ref`.
+    """
+    if _use_kernels(V.device) and not _differentiable(V):
+        flat = torch.ops.curvx.unpack_block(V, _numels(shapes), dtype)
+        return _views_of(flat, V.shape[1], shapes)
+    return unpack_block_ref(V, shapes, dtype)

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from curvx import _ops
 from curvx._validate import as_int
 from curvx._warnings import CurvxWarning
 
@@ -319,19 +320,53 @@ class HessianOperator:
         ]
         return torch.cat(parts)
 
-    def flatten_batched(self, tensors: Sequence[Tensor | None], k: int) -> Tensor:
-        """Per-parameter blocks ``[k, *shape_i]`` (None for zero) -> ``[n, k]``."""
+    def flatten_batched(
+        self,
+        tensors: Sequence[Tensor | None],
+        k: int,
+        *,
+        out: Tensor | None = None,
+        weight: float = 1.0,
+    ) -> Tensor:
+        """Per-parameter blocks ``[k, *shape_i]`` (None for zero) -> ``[n, k]``.
+
+        One kernel launch over all parameters (:func:`curvx._ops.pack_block`). With
+        ``out`` (``[n, k]``, rows of adjacent entries), adds ``weight`` times the
+        blocks to it in place and returns it: a chunk's products accumulated with
+        the chunk's weight (:func:`curvx._ops.pack_block_add_`).
+        """
+        if self.dtype in _ops.N_ROW_DTYPES:
+            if out is not None:
+                return _ops.pack_block_add_(out, tensors, self.numels, weight)
+            return _ops.pack_block(
+                tensors,
+                self.numels,
+                k,
+                weight=weight,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        # Other dtypes (float16): the ATen composite
         parts = [
             torch.zeros(m, k, dtype=self.dtype, device=self.device)
             if t is None
             else t.reshape(k, -1).T
             for t, m in zip(tensors, self.numels)
         ]
-        return torch.cat(parts, dim=0)
+        block = torch.cat(parts, dim=0)
+        if out is not None:
+            return out.add_(block, alpha=weight)
+        return block if weight == 1.0 else block * weight
 
     def unflatten_batched(self, V: Tensor) -> list[Tensor]:
-        """``[n, k]`` -> per-parameter blocks ``[k, *shape_i]``."""
-        k = V.shape[1]
+        """``[n, k]`` -> per-parameter blocks ``[k, *shape_i]``.
+
+        One kernel launch over all parameters (:func:`curvx._ops.unpack_block`): the
+        blocks are contiguous views of one buffer.
+        """
+        if V.dtype in _ops.N_ROW_DTYPES:
+            return _ops.unpack_block(V, self.shapes)
+        k = V.shape[1]  # other dtypes (float16): the ATen composite
         return [
             part.T.reshape(k, *shape)
             for part, shape in zip(V.split(self.numels, dim=0), self.shapes)

@@ -15,12 +15,14 @@ fi
 INC="$WORK/ext/torch/include"
 PYINC=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 FLAGS=(-std=c++17 -I"$INC" -I"$INC/torch/csrc/api/include" -I"$PYINC" -D_GLIBCXX_USE_CXX11_ABI=1)
-for f in csrc/ops.cpp csrc/cpu/lanczos_kernels.cpp; do
+for f in csrc/ops.cpp csrc/cpu/*.cpp; do
     g++ -fsyntax-only -fopenmp "${FLAGS[@]}" "$f"
     echo "ok: $f against torch $VERSION"
 done
 if [ -x /usr/local/cuda/bin/nvcc ]; then
-    /usr/local/cuda/bin/nvcc -arch=sm_90 -DCURVX_WITH_CUDA "${FLAGS[@]}" \
-        -c csrc/cuda/lanczos_kernels.cu -o "$WORK/lanczos_kernels.o"
-    echo "ok: csrc/cuda/lanczos_kernels.cu against torch $VERSION"
+    for f in csrc/cuda/*.cu; do
+        /usr/local/cuda/bin/nvcc -arch=sm_90 -DCURVX_WITH_CUDA "${FLAGS[@]}" \
+            -c "$f" -o "$WORK/$(basename "$f" .cu).o"
+        echo "ok: $f against torch $VERSION"
+    done
 fi

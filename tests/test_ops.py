@@ -6,6 +6,7 @@ reason. CUDA variants are skipped visibly on machines without a GPU.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from curvx._warnings import CurvxWarning
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
-LAYOUTS = ["contiguous", "strided", "transposed"]
+# "sliced": a column slice of a wider matrix (rows dense, read in place by the kernels)
+LAYOUTS = ["contiguous", "strided", "transposed", "sliced"]
 DISABLED = os.environ.get(_ops.DISABLE_ENV) == "1"
 F64 = torch.float64
 
@@ -60,8 +62,13 @@ def _orthonormal(n: int, m: int, seed: int) -> torch.Tensor:
 
 
 def _as(x: torch.Tensor, dtype, device, layout: str = "contiguous") -> torch.Tensor:
-    """``x`` converted; contiguous, strided (every other element) or column-major."""
+    """``x`` converted; contiguous, strided (every other element), column-major or
+    a column slice of a wider tensor."""
     x = x.to(device=device, dtype=dtype)
+    if layout == "sliced":
+        buf = x.new_zeros(*x.shape[:-1], x.shape[-1] + 3)
+        buf[..., 1 : 1 + x.shape[-1]] = x
+        return buf[..., 1 : 1 + x.shape[-1]]
     if layout == "strided":
         buf = x.new_zeros(*x.shape, 2)
         buf[..., 0] = x
@@ -127,6 +134,45 @@ def test_orthogonalize_non_contiguous(ops, device, layout):
     _assert_close(W, W_ref, tol(torch.float32, 2) * _max_abs(W_ref), "W")
     _assert_close(C, C_ref, tol(F64, 1e3), "C")
     assert W.is_contiguous() and C.is_contiguous()
+
+
+def _row_layouts(n, cols, seed, dtype, device):
+    """[n, cols] matrices the kernels read in place: a column slice of a wider basis
+    (as the solver passes Q[:, :cols]), rows repeated by a zero row stride, and one
+    column with a large row stride."""
+    x = _randn(n, cols, seed=seed).to(device=device, dtype=dtype)
+    wide = torch.zeros(n, cols + 5, dtype=dtype, device=device)
+    wide[:, :cols] = x
+    cases = {"slice": wide[:, :cols], "repeated": x[:1].expand(n, cols)}
+    if cols == 1:
+        cases["column"] = wide[:, :1]
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 300])
+def test_dense_rows_read_in_place(ops, device, dtype, n):
+    """Both recurrence ops on operands with dense rows but row strides != columns."""
+    _need_kernels(device)
+    for m, b in [(5, 3), (1, 1), (4, 1)]:
+        Qs = _row_layouts(n, m, 31 + m, dtype, device)
+        Vs = _row_layouts(n, b, 41 + b, dtype, device)
+        for (qname, Q), (vname, V) in zip(Qs.items(), Vs.items()):
+            what = f"Q {qname}, V {vname}, m={m}, b={b}"
+            W, C = ops.orthogonalize(Q, V, 2)
+            W_ref, C_ref = _ops.orthogonalize_ref(Q.contiguous(), V.contiguous(), 2)
+            scale = max(1.0, _max_abs(W_ref), _max_abs(V))
+            _assert_close(W, W_ref, tol(dtype, 4) * scale, "W, " + what)
+            _assert_close(C, C_ref, tol(F64, 1e3) * max(1.0, _max_abs(C_ref)), what)
+            B_prev = _randn(b, m, seed=m + b).to(device)
+            W_new, A = ops.lanczos_step(V, V, Q, B_prev)
+            W_ref, A_ref = _ops.lanczos_step_ref(
+                V.contiguous(), V.contiguous(), Q.contiguous(), B_prev
+            )
+            atol = tol(dtype, 4) * max(1.0, _max_abs(W_ref)) * (1 + m)
+            _assert_close(W_new, W_ref, atol, "W_new, " + what)
+            _assert_close(A, A_ref, tol(F64, 1e3) * max(1.0, _max_abs(A_ref)), what)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -306,6 +352,318 @@ def test_assemble_tridiag_symmetric_layout():
 
 
 # --------------------------------------------------------------------------------------
+# Block layout: pack_block, pack_block_add_, unpack_block
+# --------------------------------------------------------------------------------------
+
+# Parameter shapes: a small CNN; scalars and empty tensors; parts longer than one tile
+# (CPU tiles hold 256 rows, CUDA tiles up to 2048); no parameters at all.
+PARAM_SHAPES = {
+    "cnn": [(8, 3, 3, 3), (8,), (8,), (16, 8, 3, 3), (16,), (10, 16), (10,)],
+    "edge": [(), (0,), (5,), (2, 0, 3), (7, 1), ()],
+    "long": [(3000,), (300, 7), (1,)],
+    "none": [],
+}
+BLOCK_K = [1, 3, 16, 70]  # 70: more columns than one CUDA tile holds (64)
+
+
+def _numels(shapes):
+    return [math.prod(shape) for shape in shapes]
+
+
+def _parts(shapes, k, dtype, device, seed, missing=()):
+    """Per-parameter blocks [k, *shape] (None at the indices in ``missing``)."""
+    return [
+        None
+        if i in missing
+        else _randn(k, *shape, seed=seed + i).to(device=device, dtype=dtype)
+        for i, shape in enumerate(shapes)
+    ]
+
+
+def _cpu(parts):
+    return [None if t is None else t.cpu() for t in parts]
+
+
+def _flat(parts):
+    return torch.cat([t.reshape(-1) for t in parts]) if parts else torch.zeros(0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shapes", PARAM_SHAPES)
+@pytest.mark.parametrize("k", BLOCK_K)
+def test_unpack_block_matches_reference(ops, device, dtype, shapes, k):
+    """A pure copy: bit for bit the reference's parts, laid out one after another."""
+    _need_kernels(device)
+    shapes = PARAM_SHAPES[shapes]
+    numels = _numels(shapes)
+    V = _as(_randn(sum(numels), k, seed=k), dtype, device)
+    flat = ops.unpack_block(V, numels)
+    assert flat.shape == (k * sum(numels),) and flat.dtype == dtype
+    assert flat.device == V.device
+    expected = _ops.unpack_block_ref(V.cpu(), shapes)
+    assert torch.equal(flat.cpu(), _flat(expected).to(dtype))
+    # The public function: contiguous views [k, *shape] of that buffer.
+    views = _ops.unpack_block(V, shapes)
+    for view, exp, shape in zip(views, expected, shapes):
+        assert view.shape == (k, *shape) and view.is_contiguous()
+        assert torch.equal(view.cpu(), exp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_unpack_block_converts(ops, device, dtype, out_dtype):
+    _need_kernels(device)
+    shapes = PARAM_SHAPES["cnn"]
+    V = _as(_randn(sum(_numels(shapes)), 5, seed=3), dtype, device)
+    flat = ops.unpack_block(V, _numels(shapes), out_dtype)
+    expected = _ops.unpack_block_ref(V.cpu(), shapes, out_dtype)
+    assert flat.dtype == out_dtype
+    assert torch.equal(flat.cpu(), _flat(expected))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unpack_block_layouts(ops, device, layout):
+    _need_kernels(device)
+    shapes = PARAM_SHAPES["long"]
+    V = _as(_randn(sum(_numels(shapes)), 6, seed=8), torch.float32, device, layout)
+    flat = ops.unpack_block(V, _numels(shapes))
+    expected = _ops.unpack_block_ref(V.cpu().contiguous(), shapes)
+    assert torch.equal(flat.cpu(), _flat(expected))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shapes", PARAM_SHAPES)
+@pytest.mark.parametrize("k", BLOCK_K)
+def test_pack_block_matches_reference(ops, device, dtype, shapes, k):
+    """Weight 1: a copy, bit for bit; None parts are zeros; unpack inverts it."""
+    _need_kernels(device)
+    shapes = PARAM_SHAPES[shapes]
+    numels = _numels(shapes)
+    parts = _parts(shapes, k, dtype, device, seed=k, missing={1})
+    if all(t is None for t in parts):
+        pytest.skip("no part given: the wrapper's case (test_pack_block_all_none)")
+    block = ops.pack_block(parts, numels, k)
+    assert block.shape == (sum(numels), k) and block.dtype == dtype
+    assert block.is_contiguous() and block.device == parts[0].device
+    assert torch.equal(block.cpu(), _ops.pack_block_ref(_cpu(parts), numels, k))
+    full = _parts(shapes, k, dtype, device, seed=k)
+    V = ops.pack_block(full, numels, k)
+    assert torch.equal(_flat(_ops.unpack_block(V, shapes)), _flat(full))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", [None, *DTYPES])
+@pytest.mark.parametrize("weight", [1.0, -0.37, 3.0])
+def test_pack_block_weight_and_dtype(ops, device, dtype, out_dtype, weight):
+    _need_kernels(device)
+    shapes = PARAM_SHAPES["cnn"]
+    numels = _numels(shapes)
+    parts = _parts(shapes, 4, dtype, device, seed=5, missing={2})
+    block = ops.pack_block(parts, numels, 4, weight, out_dtype)
+    # float64 math rounded once to the block's dtype
+    exact = _ops.pack_block_ref(_cpu(parts), numels, 4, dtype=F64) * weight
+    result = out_dtype or dtype
+    assert block.dtype == result
+    _assert_close(
+        block.cpu(), exact.to(result), tol(result, 1) * _max_abs(exact), "block"
+    )
+    if weight == 1.0 and out_dtype in (None, dtype):
+        assert torch.equal(block.cpu(), _ops.pack_block_ref(_cpu(parts), numels, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pack_block_part_layouts(ops, device, layout):
+    """Parts in any layout (an expanded one too) are read as their values."""
+    _need_kernels(device)
+    shapes = [(40, 30), (17,), (3, 5, 7)]
+    numels = _numels(shapes)
+    parts = [_as(t, F64, device, layout) for t in _parts(shapes, 3, F64, "cpu", 2)]
+    parts.append(torch.ones(3, 1, device=device, dtype=F64).expand(3, 9))
+    numels.append(9)
+    block = ops.pack_block(parts, numels, 3)
+    expected = _ops.pack_block_ref([t.cpu().contiguous() for t in parts], numels, 3)
+    assert torch.equal(block.cpu(), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("part_dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_pack_block_add_matches_reference(ops, device, dtype, part_dtype, layout):
+    """block += weight * stack, in float64 rounded once; a column slice of a wider
+    block (as the solver's HQ[:, cols:cols + b]) is written in place."""
+    _need_kernels(device)
+    shapes = PARAM_SHAPES["long"] + PARAM_SHAPES["cnn"]
+    numels = _numels(shapes)
+    k, weight = 5, 0.3125
+    parts = _parts(shapes, k, part_dtype, device, seed=9, missing={1, 4})
+    start = _randn(sum(numels), k, seed=10)
+    block = _as(start.clone(), dtype, device, layout)
+    base = block.data_ptr()
+    ops.pack_block_add_(block, parts, numels, weight)
+    assert block.data_ptr() == base  # in place
+    exact = start.to(dtype).double() + weight * _ops.pack_block_ref(
+        _cpu(parts), numels, k, dtype=F64
+    )
+    atol = tol(dtype, 1) * _max_abs(exact)
+    _assert_close(block.cpu().contiguous(), exact.to(dtype), atol, "block")
+    if layout == "sliced":  # the columns around the slice are untouched
+        wide = block.as_strided((block.shape[0], k + 3), (block.stride(0), 1), 0)
+        assert not wide[:, 0].any() and not wide[:, k + 1 :].any()
+    # The reference agrees to rounding (it rounds the weighted parts first).
+    ref_block = _as(start, dtype, "cpu")
+    _ops.pack_block_add_ref(ref_block, _cpu(parts), numels, weight)
+    _assert_close(block.cpu().contiguous(), ref_block, 2 * atol, "reference")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pack_block_add_empty(ops, device):
+    _need_kernels(device)
+    for n, k in [(0, 3), (5, 0)]:
+        block = torch.ones(n, k, dtype=F64, device=device)
+        parts = [torch.ones(k, n, dtype=F64, device=device)]
+        ops.pack_block_add_(block, parts, [n], 2.0)
+        assert torch.equal(block, torch.ones(n, k, dtype=F64, device=device))
+    block = torch.ones(4, 2, dtype=F64, device=device)
+    ops.pack_block_add_(block, [None, None], [1, 3], 2.0)  # nothing to add
+    assert torch.equal(block, torch.ones(4, 2, dtype=F64, device=device))
+
+
+def test_pack_block_all_none():
+    """No part given: the public function returns zeros of the dtype and device."""
+    block = _ops.pack_block([None, None], [2, 3], 4, dtype=torch.float32, device="cpu")
+    assert torch.equal(block, torch.zeros(5, 4))
+    empty = _ops.pack_block([], [], 3, dtype=F64, device="cpu")
+    assert empty.shape == (0, 3) and empty.dtype == F64
+    with pytest.raises(ValueError, match="every part is None: pass dtype and device"):
+        _ops.pack_block([None], [2], 4)
+
+
+def test_block_ops_differentiable():
+    """Inputs that require grad take the (differentiable) reference path."""
+    shapes = [(3, 2), (4,)]
+    parts = [t.requires_grad_() for t in _parts(shapes, 2, F64, "cpu", seed=1)]
+    block = _ops.pack_block(parts, _numels(shapes), 2, weight=2.0)
+    block.sum().backward()
+    assert all(torch.equal(t.grad, torch.full_like(t, 2.0)) for t in parts)
+    V = _randn(10, 2, seed=2).requires_grad_()
+    sum(p.sum() for p in _ops.unpack_block(V, shapes)).backward()
+    assert torch.equal(V.grad, torch.ones_like(V))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_ops_current_stream(ops, device):
+    """The kernels run on the caller's current stream (CUDA) and see its writes."""
+    _need_kernels(device)
+    shapes = PARAM_SHAPES["long"]
+    numels = _numels(shapes)
+    V = _randn(sum(numels), 8, seed=4).to(device)
+    if device == "cuda":
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            V2 = V * 2  # queued on the side stream, read by the kernels below
+            flat = ops.unpack_block(V2, numels)
+            block = ops.pack_block(_ops._views_of(flat, 8, shapes), numels, 8)
+        stream.synchronize()
+    else:
+        V2 = V * 2
+        flat = ops.unpack_block(V2, numels)
+        block = ops.pack_block(_ops._views_of(flat, 8, shapes), numels, 8)
+    assert torch.equal(block, V * 2)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two GPUs: device guard on cuda:1"
+)
+def test_block_ops_second_device(ops):
+    """Tensors on cuda:1 while cuda:0 is current: the device guard picks cuda:1."""
+    _need_kernels("cuda")
+    shapes = PARAM_SHAPES["cnn"]
+    numels = _numels(shapes)
+    V = _randn(sum(numels), 4, seed=6).to("cuda:1")
+    with torch.cuda.device(0):
+        flat = ops.unpack_block(V, numels)
+        block = ops.pack_block(_ops._views_of(flat, 4, shapes), numels, 4)
+        Q = _orthonormal(sum(numels), 3, seed=7).to("cuda:1")
+        W, _ = ops.orthogonalize(Q, V.double(), 2)
+    assert flat.device == block.device == W.device == V.device
+    assert torch.equal(block, V)
+    assert _max_abs(Q.T @ W) <= tol(F64, 100)
+
+
+# --------------------------------------------------------------------------------------
+# HessianOperator's layout methods (the kept-graph / rev-rev products use them)
+# --------------------------------------------------------------------------------------
+
+
+def _operator(dtype, device="cpu"):
+    from curvx.operators import HessianOperator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(12, 2)
+    )
+    model.register_parameter("scale", torch.nn.Parameter(torch.tensor(1.5)))
+    model = model.to(device=device, dtype=dtype)
+    X = torch.randn(4, 2, 4, 4, dtype=dtype, device=device)
+    y = torch.randn(4, 2, dtype=dtype, device=device)
+    return HessianOperator(model, lambda out, t: ((out - t) ** 2).mean(), (X, y))
+
+
+def _composite_flatten(op, tensors, k):
+    """HessianOperator.flatten_batched as it was: a torch.cat of transposes."""
+    return torch.cat(
+        [
+            torch.zeros(m, k, dtype=op.dtype, device=op.device)
+            if t is None
+            else t.reshape(k, -1).T
+            for t, m in zip(tensors, op.numels)
+        ]
+    )
+
+
+def _composite_unflatten(op, V):
+    k = V.shape[1]
+    return [p.T.reshape(k, *s) for p, s in zip(V.split(op.numels), op.shapes)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.float16])
+def test_operator_layout_matches_composite(device, dtype):
+    """flatten_batched / unflatten_batched give the old composite's values bit for
+    bit (float16, which the kernels lack, keeps the composite)."""
+    op = _operator(dtype, device)
+    k = 3
+    V = torch.randn(op.n, k, generator=_gen(1), dtype=F64).to(
+        device=device, dtype=dtype
+    )
+    blocks = op.unflatten_batched(V)
+    for got, exp in zip(blocks, _composite_unflatten(op, V)):
+        assert got.shape == exp.shape and torch.equal(got, exp)
+    parts = list(blocks)
+    parts[1] = None
+    assert torch.equal(op.flatten_batched(parts, k), _composite_flatten(op, parts, k))
+    out = V.clone()
+    result = op.flatten_batched(parts, k, out=out, weight=0.5)
+    assert result is out
+    expected = V + 0.5 * _composite_flatten(op, parts, k)
+    assert torch.allclose(out, expected, rtol=0, atol=tol(dtype, 4) * _max_abs(V))
+    # The products through the kept graph are unchanged
+    HV = op.matmat(V)
+    H = torch.stack([op.matvec(e) for e in torch.eye(op.n, dtype=dtype, device=device)])
+    assert torch.allclose(HV.double(), H.double().T @ V.double(), atol=tol(dtype, 1e3))
+
+
+# --------------------------------------------------------------------------------------
 # opcheck: schema, fake kernels, autograd registration, AOT dispatch
 # --------------------------------------------------------------------------------------
 
@@ -324,6 +682,24 @@ def test_opcheck(ops, device, dtype):
     for shape in [(4, 3, 2), (0, 2, 3), (4, 2, 0)]:
         args = _tridiag_inputs(*shape, device)
         torch.library.opcheck(ops.assemble_tridiag.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_block_ops(ops, device, dtype):
+    _need_kernels(device)
+    shapes = PARAM_SHAPES["cnn"] + [()]
+    numels, k = _numels(shapes), 3
+    n = sum(numels)
+    parts = _parts(shapes, k, dtype, device, seed=1, missing={2})
+    torch.library.opcheck(ops.pack_block.default, (parts, numels, k, 1.0, None))
+    torch.library.opcheck(ops.pack_block.default, (parts, numels, k, 0.5, F64))
+    for layout in ("contiguous", "sliced"):
+        block = _as(_randn(n, k, seed=2), dtype, device, layout)
+        torch.library.opcheck(ops.pack_block_add_.default, (block, parts, numels, 0.25))
+    V = _as(_randn(n, k, seed=3), dtype, device, "sliced")
+    torch.library.opcheck(ops.unpack_block.default, (V, numels, None))
+    torch.library.opcheck(ops.unpack_block.default, (V, numels, torch.float32))
 
 
 # --------------------------------------------------------------------------------------
@@ -437,6 +813,153 @@ TRIDIAG_BAD = [
 def test_assemble_tridiag_bad_input(impl, args, error, match):
     with pytest.raises(error, match="curvx.assemble_tridiag: " + match):
         impl(*args)
+
+
+def _pack_block_ref(parts, numels, k, weight=1.0, dtype=None):
+    return _ops.pack_block_ref(parts, numels, k, weight=weight, dtype=dtype)
+
+
+def _unpack_block_ref(V, numels, dtype=None):
+    return _ops.unpack_block_ref(V, [(m,) for m in numels], dtype)
+
+
+_BLOCK_REFS = {
+    "pack_block": _pack_block_ref,
+    "pack_block_add_": _ops.pack_block_add_ref,
+    "unpack_block": _unpack_block_ref,
+}
+
+
+@pytest.fixture
+def block_impl(request):
+    """The compiled op or its reference, called with the op's arguments."""
+    name, kind = request.param
+    if kind == "reference":
+        return _BLOCK_REFS[name]
+    return getattr(request.getfixturevalue("ops"), name)
+
+
+F16 = torch.float16
+PACK_BAD = [
+    (([_t(2, 3)], [3, 4], 2), ValueError, "parts and numels must have the same length"),
+    (([_t(2, 3)], [-3], 2), ValueError, r"numels\[0\] must be >= 0, got -3"),
+    (([_t(2, 3)], [3], -1), ValueError, "k must be >= 0, got -1"),
+    (
+        ([_t(2, 3)], [3], 2, 1.0, F16),
+        TypeError,
+        "dtype must be torch.float32, torch.float64 or torch.bfloat16, got "
+        "torch.float16",
+    ),
+    (([_t(2, 3)], [3], 2, math.inf), ValueError, "weight must be finite, got inf"),
+    (
+        ([None, _t(2, 3, dtype=F16)], [1, 3], 2),
+        TypeError,
+        r"parts\[1\] must be torch.float32, torch.float64 or torch.bfloat16, got "
+        "torch.float16",
+    ),
+    (
+        ([_t(2, 3), _t(2, 1, dtype=torch.float32)], [3, 1], 2),
+        TypeError,
+        r"parts\[1\] must have the same dtype as parts\[0\] \(torch.float64\), got "
+        "torch.float32",
+    ),
+    (
+        ([None, _t(2, 3), _t(2, 1, device="meta")], [2, 3, 1], 2),
+        RuntimeError,
+        r"parts\[2\] must be on the same device as parts\[1\] \(cpu\), got meta",
+    ),
+    (
+        ([_t(3, 3)], [3], 2),
+        ValueError,
+        r"parts\[0\] must have sizes \[k, \*shape\] with k = 2 and k \* numels\[0\] = "
+        r"6 entries, got sizes \[3, 3\]",
+    ),
+    (([_t(2, 4)], [3], 2), ValueError, r"parts\[0\] must have sizes .* \[2, 4\]"),
+    (([_t(())], [1], 1), ValueError, r"parts\[0\] must have sizes .* got sizes \[\]"),
+]
+
+
+@pytest.mark.parametrize("block_impl", _impls("pack_block"), indirect=True)
+@pytest.mark.parametrize("args, error, match", PACK_BAD)
+def test_pack_block_bad_input(block_impl, args, error, match):
+    with pytest.raises(error, match="curvx.pack_block: " + match):
+        block_impl(*args)
+
+
+PACK_ADD_BAD = [
+    ((_t(5), [_t(2, 5)], [5]), ValueError, "block must be a 2-D tensor, got a 1-D"),
+    (
+        (_t(5, 2, dtype=F16), [_t(2, 5)], [5]),
+        TypeError,
+        "block must be torch.float32, torch.float64 or torch.bfloat16, got "
+        "torch.float16",
+    ),
+    (
+        (_t(6, 2), [_t(2, 5)], [5]),
+        ValueError,
+        r"block.size\(0\) must equal sum\(numels\) = 5, got block of sizes \[6, 2\]",
+    ),
+    (
+        (_t(2, 5).T, [_t(2, 5)], [5]),
+        ValueError,
+        r"block must have rows of adjacent entries that do not overlap \(stride\(1\) "
+        r"== 1 and stride\(0\) >= size\(1\)\), got strides \[1, 5\] for sizes "
+        r"\[5, 2\]",
+    ),
+    (
+        (_t(1, 2).expand(5, 2), [_t(2, 5)], [5]),
+        ValueError,
+        r"block must have rows .* got strides \[0, 1\] for sizes \[5, 2\]",
+    ),
+    ((_t(5, 2), [_t(2, 5)], [5], math.nan), ValueError, "weight must be finite"),
+    (
+        (_t(5, 2), [_t(2, 5, device="meta")], [5]),
+        RuntimeError,
+        r"parts\[0\] must be on the same device as block \(cpu\), got meta",
+    ),
+    (
+        (_t(5, 2), [_t(3, 5)], [5]),
+        ValueError,
+        r"parts\[0\] must have sizes \[k, \*shape\] with k = 2 and k \* numels\[0\] = "
+        r"10 entries, got sizes \[3, 5\]",
+    ),
+    (
+        (_t(5, 2), [_t(2, 5)], [5, 0]),
+        ValueError,
+        "parts and numels must have the same length, got 1 and 2",
+    ),
+]
+
+
+@pytest.mark.parametrize("block_impl", _impls("pack_block_add_"), indirect=True)
+@pytest.mark.parametrize("args, error, match", PACK_ADD_BAD)
+def test_pack_block_add_bad_input(block_impl, args, error, match):
+    with pytest.raises(error, match="curvx.pack_block_add_: " + match):
+        block_impl(*args)
+
+
+UNPACK_BAD = [
+    ((_t(5), [5]), ValueError, "V must be a 2-D tensor, got a 1-D tensor"),
+    (
+        (_t(5, 2, dtype=torch.int64), [5]),
+        TypeError,
+        "V must be torch.float32, torch.float64 or torch.bfloat16, got torch.int64",
+    ),
+    (
+        (_t(5, 2), [2, 2]),
+        ValueError,
+        r"V.size\(0\) must equal sum\(numels\) = 4, got V of sizes \[5, 2\]",
+    ),
+    ((_t(5, 2), [6, -1]), ValueError, r"numels\[1\] must be >= 0, got -1"),
+    ((_t(5, 2), [5], F16), TypeError, "dtype must be torch.float32"),
+]
+
+
+@pytest.mark.parametrize("block_impl", _impls("unpack_block"), indirect=True)
+@pytest.mark.parametrize("args, error, match", UNPACK_BAD)
+def test_unpack_block_bad_input(block_impl, args, error, match):
+    with pytest.raises(error, match="curvx.unpack_block: " + match):
+        block_impl(*args)
 
 
 @requires_cuda

@@ -2,10 +2,11 @@
 //
 // Shapes: n rows (parameters), block size b, m or r earlier basis columns, p Lanczos blocks.
 // The n-row matrices are float32, float64 or bfloat16; every product is accumulated in float64
-// and only the n-row results are rounded back to the input dtype. Rows are processed in
-// parallel with at::parallel_for (OpenMP); reductions over rows keep one float64 partial per
-// fixed chunk of rows and sum the partials in chunk order, so results do not depend on the
-// number of threads.
+// and only the n-row results are rounded back to the input dtype. Inputs whose rows are dense
+// (a column slice of the solver's wider basis, say) are read in place, others copied once.
+// Rows are processed in parallel with at::parallel_for (OpenMP); reductions over rows keep one
+// float64 partial per fixed chunk of rows and sum the partials in chunk order, so results do
+// not depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -18,6 +19,8 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../convert.h"
+#include "../layout.h"
 #include "../passes.h"
 
 namespace curvx {
@@ -29,24 +32,11 @@ constexpr int64_t kMinChunkRows = 512;
 // Row-wise updates hand at::parallel_for this many rows per task at least.
 constexpr int64_t kUpdateGrain = 256;
 
-template <typename T>
-inline double to_acc(T x) {
-  return static_cast<double>(x);
-}
-inline double to_acc(c10::BFloat16 x) { return static_cast<double>(static_cast<float>(x)); }
-
-template <typename T>
-inline T from_acc(double x) {
-  return static_cast<T>(x);
-}
-template <>
-inline c10::BFloat16 from_acc<c10::BFloat16>(double x) {
-  return c10::BFloat16(static_cast<float>(x));
-}
-
-// C [m, b] = X^T Y for X [n, m], Y [n, b] (row-major), accumulated in float64.
+// C [m, b] = X^T Y for X [n, m], Y [n, b] (dense rows, ldx and ldy apart), accumulated in
+// float64.
 template <typename xt, typename yt>
-void gram_t(const xt* X, const yt* Y, int64_t n, int64_t m, int64_t b, double* C) {
+void gram_t(const xt* X, int64_t ldx, const yt* Y, int64_t ldy, int64_t n, int64_t m, int64_t b,
+            double* C) {
   std::fill(C, C + m * b, 0.0);
   if (n == 0 || m == 0 || b == 0) return;
   const int64_t rows = std::max(kMinChunkRows, ceil_div(n, kMaxChunks));
@@ -59,8 +49,8 @@ void gram_t(const xt* X, const yt* Y, int64_t n, int64_t m, int64_t b, double* C
       const int64_t i1 = std::min(n, (c + 1) * rows);
       for (int64_t i = c * rows; i < i1; ++i) {
         // Widen row i of Y once, then add the outer product X[i, :]^T Y[i, :] to the partial.
-        for (int64_t j = 0; j < b; ++j) y_row[j] = to_acc(Y[i * b + j]);
-        const xt* x_row = X + i * m;
+        for (int64_t j = 0; j < b; ++j) y_row[j] = to_acc(Y[i * ldy + j]);
+        const xt* x_row = X + i * ldx;
         for (int64_t k = 0; k < m; ++k) {
           const double x = to_acc(x_row[k]);
           double* acc_k = acc + k * b;
@@ -76,24 +66,26 @@ void gram_t(const xt* X, const yt* Y, int64_t n, int64_t m, int64_t b, double* C
   }
 }
 
-// out [n, b] = Y - X1 C1 - X2 C2 for X1 [n, m1], C1 [m1, b], X2 [n, m2], C2 [m2, b], computed
-// in float64 and rounded to `ot`. `out` may alias `Y`: row i of Y is read before it is written.
+// out [n, b] (contiguous) = Y - X1 C1 - X2 C2 for Y [n, b], X1 [n, m1], X2 [n, m2] (dense rows,
+// ldy, ld1 and ld2 apart), C1 [m1, b], C2 [m2, b], computed in float64 and rounded to `ot`.
+// `out` may alias `Y` (then ldy = b): row i of Y is read before it is written.
 template <typename xt, typename yt, typename ot>
-void subtract_products(const yt* Y, const xt* X1, const double* C1, int64_t m1, const xt* X2,
-                       const double* C2, int64_t m2, int64_t n, int64_t b, ot* out) {
+void subtract_products(const yt* Y, int64_t ldy, const xt* X1, int64_t ld1, const double* C1,
+                       int64_t m1, const xt* X2, int64_t ld2, const double* C2, int64_t m2,
+                       int64_t n, int64_t b, ot* out) {
   if (n == 0 || b == 0) return;
   at::parallel_for(0, n, kUpdateGrain, [&](int64_t i0, int64_t i1) {
     std::vector<double> acc(b);
     for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t j = 0; j < b; ++j) acc[j] = to_acc(Y[i * b + j]);
+      for (int64_t j = 0; j < b; ++j) acc[j] = to_acc(Y[i * ldy + j]);
       // acc -= X1[i, :] C1, one row of C1 at a time (contiguous inner loop).
       for (int64_t k = 0; k < m1; ++k) {
-        const double x = to_acc(X1[i * m1 + k]);
+        const double x = to_acc(X1[i * ld1 + k]);
         for (int64_t j = 0; j < b; ++j) acc[j] -= x * C1[k * b + j];
       }
       // acc -= X2[i, :] C2.
       for (int64_t k = 0; k < m2; ++k) {
-        const double x = to_acc(X2[i * m2 + k]);
+        const double x = to_acc(X2[i * ld2 + k]);
         for (int64_t j = 0; j < b; ++j) acc[j] -= x * C2[k * b + j];
       }
       for (int64_t j = 0; j < b; ++j) out[i * b + j] = from_acc<ot>(acc[j]);
@@ -105,9 +97,10 @@ void subtract_products(const yt* Y, const xt* X1, const double* C1, int64_t m1, 
 std::tuple<at::Tensor, at::Tensor> orthogonalize_cpu(const at::Tensor& Q_in, const at::Tensor& V_in,
                                                      int64_t passes) {
   check_orthogonalize_args(Q_in, V_in, passes);
-  const at::Tensor Q = Q_in.contiguous();  // [n, m]
-  const at::Tensor V = V_in.contiguous();  // [n, b]
+  const at::Tensor Q = with_dense_rows(Q_in);  // [n, m], rows ldq apart
+  const at::Tensor V = with_dense_rows(V_in);  // [n, b], rows ldv apart
   const int64_t n = V.size(0), b = V.size(1), m = Q.size(1);
+  const int64_t ldq = row_stride(Q), ldv = row_stride(V);
   GramSchmidtBuffers buffers(V, m, passes);
   at::Tensor W = buffers.W, C = buffers.C;
   std::vector<double> c(m * b);  // one pass's coefficients [m, b]
@@ -116,14 +109,14 @@ std::tuple<at::Tensor, at::Tensor> orthogonalize_cpu(const at::Tensor& Q_in, con
     const scalar_t* q = Q.const_data_ptr<scalar_t>();
     double* c_total = C.mutable_data_ptr<double>();
     // One pass: c = Q^T W_in; C += c; W_out = W_in - Q c.
-    auto pass = [&](const auto* w_in, auto* w_out) {
-      gram_t(q, w_in, n, m, b, c.data());
+    auto pass = [&](const auto* w_in, int64_t ld_in, auto* w_out) {
+      gram_t(q, ldq, w_in, ld_in, n, m, b, c.data());
       for (int64_t e = 0; e < m * b; ++e) c_total[e] += c[e];
-      subtract_products(w_in, q, c.data(), m, q, c.data(), 0, n, b, w_out);
+      subtract_products(w_in, ld_in, q, ldq, c.data(), m, q, ldq, c.data(), 0, n, b, w_out);
     };
     const scalar_t* v = V.const_data_ptr<scalar_t>();
     scalar_t* w = W.mutable_data_ptr<scalar_t>();
-    run_gram_schmidt_passes(passes, v, w, buffers.w64(), pass);
+    run_gram_schmidt_passes(passes, v, ldv, b, w, buffers.w64(), pass);
   });
   return std::make_tuple(W, C);
 }
@@ -135,11 +128,12 @@ std::tuple<at::Tensor, at::Tensor> lanczos_step_cpu(const at::Tensor& W_in,
                                                     const at::Tensor& Q_prev_in,
                                                     const at::Tensor& B_prev) {
   check_lanczos_step_args(W_in, Q_cur_in, Q_prev_in, B_prev);
-  const at::Tensor W = W_in.contiguous();            // [n, b]
-  const at::Tensor Q_cur = Q_cur_in.contiguous();    // [n, b]
-  const at::Tensor Q_prev = Q_prev_in.contiguous();  // [n, r]
-  const at::Tensor B_t = B_prev.t().contiguous();    // [r, b] = B_prev^T
+  const at::Tensor W = with_dense_rows(W_in);            // [n, b]
+  const at::Tensor Q_cur = with_dense_rows(Q_cur_in);    // [n, b]
+  const at::Tensor Q_prev = with_dense_rows(Q_prev_in);  // [n, r]
+  const at::Tensor B_t = B_prev.t().contiguous();        // [r, b] = B_prev^T
   const int64_t n = W.size(0), b = W.size(1), r = Q_prev.size(1);
+  const int64_t ldw = row_stride(W), ldc = row_stride(Q_cur), ldp = row_stride(Q_prev);
   at::Tensor A = at::empty({b, b}, W.options().dtype(at::kDouble));
   at::Tensor W_new = at::empty({n, b}, W.options());
 
@@ -148,13 +142,13 @@ std::tuple<at::Tensor, at::Tensor> lanczos_step_cpu(const at::Tensor& W_in,
     const scalar_t* q_cur = Q_cur.const_data_ptr<scalar_t>();
     // M = Q_cur^T W [b, b], then A = (M + M^T) / 2.
     std::vector<double> M(b * b);
-    gram_t(q_cur, w, n, b, b, M.data());
+    gram_t(q_cur, ldc, w, ldw, n, b, b, M.data());
     double* a = A.mutable_data_ptr<double>();
     for (int64_t i = 0; i < b; ++i) {
       for (int64_t j = 0; j < b; ++j) a[i * b + j] = 0.5 * (M[i * b + j] + M[j * b + i]);
     }
     // W_new = W - Q_cur A - Q_prev B_prev^T.
-    subtract_products(w, q_cur, a, b, Q_prev.const_data_ptr<scalar_t>(),
+    subtract_products(w, ldw, q_cur, ldc, a, b, Q_prev.const_data_ptr<scalar_t>(), ldp,
                       B_t.const_data_ptr<double>(), r, n, b, W_new.mutable_data_ptr<scalar_t>());
   });
   return std::make_tuple(W_new, A);

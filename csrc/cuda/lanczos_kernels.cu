@@ -4,7 +4,9 @@
 // The n-row matrices are float32, float64 or bfloat16; every product is accumulated in float64
 // and only the n-row results are rounded back to the input dtype. Reductions over rows are
 // two-stage and deterministic: each row block writes a float64 partial, and a second kernel sums
-// the partials in row-block order. Every launch runs on the current stream of the inputs' device.
+// the partials in row-block order. Inputs whose rows are dense (a column slice of the solver's
+// wider basis, say) are read in place, others copied once. Every launch runs on the current
+// stream of the inputs' device, under a guard for that device.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +22,8 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../convert.h"
+#include "../layout.h"
 #include "../passes.h"
 
 namespace curvx {
@@ -31,24 +35,6 @@ constexpr int64_t kMaxReductionBlocks = 4096;  // row blocks x output tiles of o
 constexpr int64_t kMaxElementwiseBlocks = 8192;
 constexpr int64_t kRowsPerLane = 16;  // rows each reduction thread sums, at least
 
-template <typename T>
-__device__ __forceinline__ double to_acc(T x) {
-  return static_cast<double>(x);
-}
-template <>
-__device__ __forceinline__ double to_acc<c10::BFloat16>(c10::BFloat16 x) {
-  return static_cast<double>(static_cast<float>(x));
-}
-
-template <typename T>
-__device__ __forceinline__ T from_acc(double x) {
-  return static_cast<T>(x);
-}
-template <>
-__device__ __forceinline__ c10::BFloat16 from_acc<c10::BFloat16>(double x) {
-  return c10::BFloat16(static_cast<float>(x));
-}
-
 int64_t elementwise_blocks(int64_t numel) {
   return std::min(kMaxElementwiseBlocks, std::max<int64_t>(1, ceil_div(numel, kThreads)));
 }
@@ -59,16 +45,17 @@ int next_pow2(int64_t x) {
   return p;
 }
 
-// Stage 1 of C [m, b] = X^T Y for X [n, m], Y [n, b]. A block owns a tile of tk x tj entries
-// of C (blockIdx.y) and a strided subset of rows (blockIdx.x): its kThreads threads form
-// kThreads / (tk * tj) row lanes of tk * tj threads, one thread per entry of the tile; neighbour
-// threads read neighbour columns of X, so loads of a row of X are coalesced. Each thread sums its
-// rows in float64, the lanes are summed in shared memory in lane order, and the block writes
-// its partial sums to partial [gridDim.x, m, b].
+// Stage 1 of C [m, b] = X^T Y for X [n, m], Y [n, b] (dense rows, ldx and ldy apart). A block owns
+// a tile of tk x tj entries of C (blockIdx.y) and a strided subset of rows (blockIdx.x): its
+// kThreads threads form kThreads / (tk * tj) row lanes of tk * tj threads, one thread per entry of
+// the tile; neighbour threads read neighbour columns of X, so loads of a row of X are coalesced.
+// Each thread sums its rows in float64, the lanes are summed in shared memory in lane order, and
+// the block writes its partial sums to partial [gridDim.x, m, b].
 template <typename xt, typename yt>
-__global__ void gram_partial_kernel(const xt* __restrict__ X, const yt* __restrict__ Y, int64_t n,
-                                    int64_t m, int64_t b, int tk, int tj,
-                                    double* __restrict__ partial) {
+__global__ void __launch_bounds__(kThreads)
+    gram_partial_kernel(const xt* __restrict__ X, int64_t ldx, const yt* __restrict__ Y,
+                        int64_t ldy, int64_t n, int64_t m, int64_t b, int tk, int tj,
+                        double* __restrict__ partial) {
   __shared__ double lane_sums[kThreads];
   const int tile = tk * tj;
   const int lanes = kThreads / tile;
@@ -85,7 +72,7 @@ __global__ void gram_partial_kernel(const xt* __restrict__ X, const yt* __restri
   if (owns_entry) {
     const int64_t stride = static_cast<int64_t>(gridDim.x) * lanes;
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * lanes + lane; i < n; i += stride) {
-      acc += to_acc(X[i * m + k]) * to_acc(Y[i * b + j]);
+      acc += to_acc(X[i * ldx + k]) * to_acc(Y[i * ldy + j]);
     }
   }
   lane_sums[t] = acc;
@@ -100,8 +87,9 @@ __global__ void gram_partial_kernel(const xt* __restrict__ X, const yt* __restri
 }
 
 // Stage 2: c [mb] = sum over row blocks of partial [blocks, mb]; c_total += c when given.
-__global__ void sum_partials_kernel(const double* __restrict__ partial, int64_t blocks, int64_t mb,
-                                    double* __restrict__ c, double* __restrict__ c_total) {
+__global__ void __launch_bounds__(kThreads)
+    sum_partials_kernel(const double* __restrict__ partial, int64_t blocks, int64_t mb,
+                        double* __restrict__ c, double* __restrict__ c_total) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < mb;
        e += stride) {
@@ -112,27 +100,30 @@ __global__ void sum_partials_kernel(const double* __restrict__ partial, int64_t 
   }
 }
 
-// out [n, b] = Y - X1 C1 - X2 C2 for X1 [n, m1], C1 [m1, b], X2 [n, m2], C2 [m2, b], one thread
-// per entry (grid-stride), float64 arithmetic, rounded to `ot`. `out` may alias `Y` (each
-// thread reads its own entry of Y before writing it), so neither is marked __restrict__.
+// out [n, b] (contiguous) = Y - X1 C1 - X2 C2 for Y [n, b], X1 [n, m1], X2 [n, m2] (dense rows,
+// ldy, ld1 and ld2 apart), C1 [m1, b], C2 [m2, b]: one thread per entry (grid-stride), float64
+// arithmetic, rounded to `ot`. `out` may alias `Y` (then ldy = b; each thread reads its own
+// entry of Y before writing it), so neither is marked __restrict__.
 template <typename xt, typename yt, typename ot>
-__global__ void subtract_products_kernel(const yt* Y, const xt* __restrict__ X1,
-                                         const double* __restrict__ C1, int64_t m1,
-                                         const xt* __restrict__ X2, const double* __restrict__ C2,
-                                         int64_t m2, int64_t n, int64_t b, ot* out) {
+__global__ void __launch_bounds__(kThreads)
+    subtract_products_kernel(const yt* Y, int64_t ldy, const xt* __restrict__ X1, int64_t ld1,
+                             const double* __restrict__ C1, int64_t m1, const xt* __restrict__ X2,
+                             int64_t ld2, const double* __restrict__ C2, int64_t m2, int64_t n,
+                             int64_t b, ot* out) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n * b;
        e += stride) {
     const int64_t i = e / b, j = e % b;
-    double acc = to_acc(Y[e]);
-    for (int64_t k = 0; k < m1; ++k) acc -= to_acc(X1[i * m1 + k]) * C1[k * b + j];
-    for (int64_t k = 0; k < m2; ++k) acc -= to_acc(X2[i * m2 + k]) * C2[k * b + j];
+    double acc = to_acc(Y[i * ldy + j]);
+    for (int64_t k = 0; k < m1; ++k) acc -= to_acc(X1[i * ld1 + k]) * C1[k * b + j];
+    for (int64_t k = 0; k < m2; ++k) acc -= to_acc(X2[i * ld2 + k]) * C2[k * b + j];
     out[e] = from_acc<ot>(acc);
   }
 }
 
 // A [b, b] = (M + M^T) / 2.
-__global__ void symmetrize_kernel(const double* __restrict__ M, int64_t b, double* __restrict__ A) {
+__global__ void __launch_bounds__(kThreads)
+    symmetrize_kernel(const double* __restrict__ M, int64_t b, double* __restrict__ A) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < b * b;
        e += stride) {
@@ -142,8 +133,8 @@ __global__ void symmetrize_kernel(const double* __restrict__ M, int64_t b, doubl
 }
 
 // B_t [r, b] = B^T for B [b, r].
-__global__ void transpose_kernel(const double* __restrict__ B, int64_t b, int64_t r,
-                                 double* __restrict__ B_t) {
+__global__ void __launch_bounds__(kThreads)
+    transpose_kernel(const double* __restrict__ B, int64_t b, int64_t r, double* __restrict__ B_t) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < r * b;
        e += stride) {
@@ -154,11 +145,10 @@ __global__ void transpose_kernel(const double* __restrict__ B, int64_t b, int64_
 
 // T [N, N], N = r + p * b: one thread per entry picks its value from head [r, r],
 // coupling [b, r], alphas [p, b, b] or betas [p - 1, b, b], or writes zero.
-__global__ void assemble_tridiag_kernel(const double* __restrict__ head,
-                                        const double* __restrict__ coupling,
-                                        const double* __restrict__ alphas,
-                                        const double* __restrict__ betas, int64_t r, int64_t p,
-                                        int64_t b, double* __restrict__ T) {
+__global__ void __launch_bounds__(kThreads)
+    assemble_tridiag_kernel(const double* __restrict__ head, const double* __restrict__ coupling,
+                            const double* __restrict__ alphas, const double* __restrict__ betas,
+                            int64_t r, int64_t p, int64_t b, double* __restrict__ T) {
   const int64_t N = r + p * b;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < N * N;
@@ -189,8 +179,9 @@ __global__ void assemble_tridiag_kernel(const double* __restrict__ head,
 
 // c [m, b] = X^T Y (float64), and c_total += c when c_total is not null.
 template <typename xt, typename yt>
-void gram_t_cuda(const xt* X, const yt* Y, int64_t n, int64_t m, int64_t b, double* c,
-                 double* c_total, const at::TensorOptions& f64, cudaStream_t stream) {
+void gram_t_cuda(const xt* X, int64_t ldx, const yt* Y, int64_t ldy, int64_t n, int64_t m,
+                 int64_t b, double* c, double* c_total, const at::TensorOptions& f64,
+                 cudaStream_t stream) {
   if (m == 0 || b == 0) return;
   if (n == 0) {
     C10_CUDA_CHECK(cudaMemsetAsync(c, 0, sizeof(double) * m * b, stream));
@@ -206,8 +197,8 @@ void gram_t_cuda(const xt* X, const yt* Y, int64_t n, int64_t m, int64_t b, doub
       1, std::min({ceil_div(n, lanes * kRowsPerLane), kMaxRowBlocks, kMaxReductionBlocks / tiles}));
   at::Tensor partial = at::empty({row_blocks, m, b}, f64);
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(tiles));
-  gram_partial_kernel<xt, yt>
-      <<<grid, kThreads, 0, stream>>>(X, Y, n, m, b, tk, tj, partial.mutable_data_ptr<double>());
+  gram_partial_kernel<xt, yt><<<grid, kThreads, 0, stream>>>(X, ldx, Y, ldy, n, m, b, tk, tj,
+                                                             partial.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sum_partials_kernel<<<elementwise_blocks(m * b), kThreads, 0, stream>>>(
       partial.const_data_ptr<double>(), row_blocks, m * b, c, c_total);
@@ -215,12 +206,12 @@ void gram_t_cuda(const xt* X, const yt* Y, int64_t n, int64_t m, int64_t b, doub
 }
 
 template <typename xt, typename yt, typename ot>
-void subtract_products_cuda(const yt* Y, const xt* X1, const double* C1, int64_t m1, const xt* X2,
-                            const double* C2, int64_t m2, int64_t n, int64_t b, ot* out,
-                            cudaStream_t stream) {
+void subtract_products_cuda(const yt* Y, int64_t ldy, const xt* X1, int64_t ld1, const double* C1,
+                            int64_t m1, const xt* X2, int64_t ld2, const double* C2, int64_t m2,
+                            int64_t n, int64_t b, ot* out, cudaStream_t stream) {
   if (n * b == 0) return;
-  subtract_products_kernel<xt, yt, ot>
-      <<<elementwise_blocks(n * b), kThreads, 0, stream>>>(Y, X1, C1, m1, X2, C2, m2, n, b, out);
+  subtract_products_kernel<xt, yt, ot><<<elementwise_blocks(n * b), kThreads, 0, stream>>>(
+      Y, ldy, X1, ld1, C1, m1, X2, ld2, C2, m2, n, b, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -230,9 +221,10 @@ std::tuple<at::Tensor, at::Tensor> orthogonalize_cuda(const at::Tensor& Q_in,
   check_orthogonalize_args(Q_in, V_in, passes);
   const c10::cuda::CUDAGuard guard(V_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor Q = Q_in.contiguous();  // [n, m]
-  const at::Tensor V = V_in.contiguous();  // [n, b]
+  const at::Tensor Q = with_dense_rows(Q_in);  // [n, m], rows ldq apart
+  const at::Tensor V = with_dense_rows(V_in);  // [n, b], rows ldv apart
   const int64_t n = V.size(0), b = V.size(1), m = Q.size(1);
+  const int64_t ldq = row_stride(Q), ldv = row_stride(V);
   const auto f64 = V.options().dtype(at::kDouble);
   GramSchmidtBuffers buffers(V, m, passes);
   at::Tensor W = buffers.W, C = buffers.C;
@@ -243,14 +235,14 @@ std::tuple<at::Tensor, at::Tensor> orthogonalize_cuda(const at::Tensor& Q_in,
     double* c_pass = c.mutable_data_ptr<double>();
     double* c_total = C.mutable_data_ptr<double>();
     // One pass: c = Q^T W_in and C += c; then W_out = W_in - Q c.
-    auto pass = [&](const auto* w_in, auto* w_out) {
-      gram_t_cuda(q, w_in, n, m, b, c_pass, c_total, f64, stream);
-      subtract_products_cuda(w_in, q, static_cast<const double*>(c_pass), m, q,
+    auto pass = [&](const auto* w_in, int64_t ld_in, auto* w_out) {
+      gram_t_cuda(q, ldq, w_in, ld_in, n, m, b, c_pass, c_total, f64, stream);
+      subtract_products_cuda(w_in, ld_in, q, ldq, static_cast<const double*>(c_pass), m, q, ldq,
                              static_cast<const double*>(c_pass), 0, n, b, w_out, stream);
     };
     const scalar_t* v = V.const_data_ptr<scalar_t>();
     scalar_t* w = W.mutable_data_ptr<scalar_t>();
-    run_gram_schmidt_passes(passes, v, w, buffers.w64(), pass);
+    run_gram_schmidt_passes(passes, v, ldv, b, w, buffers.w64(), pass);
   });
   return std::make_tuple(W, C);
 }
@@ -264,11 +256,12 @@ std::tuple<at::Tensor, at::Tensor> lanczos_step_cuda(const at::Tensor& W_in,
   check_lanczos_step_args(W_in, Q_cur_in, Q_prev_in, B_prev_in);
   const c10::cuda::CUDAGuard guard(W_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor W = W_in.contiguous();            // [n, b]
-  const at::Tensor Q_cur = Q_cur_in.contiguous();    // [n, b]
-  const at::Tensor Q_prev = Q_prev_in.contiguous();  // [n, r]
-  const at::Tensor B_prev = B_prev_in.contiguous();  // [b, r]
+  const at::Tensor W = with_dense_rows(W_in);            // [n, b]
+  const at::Tensor Q_cur = with_dense_rows(Q_cur_in);    // [n, b]
+  const at::Tensor Q_prev = with_dense_rows(Q_prev_in);  // [n, r]
+  const at::Tensor B_prev = B_prev_in.contiguous();      // [b, r]
   const int64_t n = W.size(0), b = W.size(1), r = Q_prev.size(1);
+  const int64_t ldw = row_stride(W), ldc = row_stride(Q_cur), ldp = row_stride(Q_prev);
   const auto f64 = W.options().dtype(at::kDouble);
   at::Tensor M = at::empty({b, b}, f64);
   at::Tensor A = at::empty({b, b}, f64);
@@ -284,16 +277,16 @@ std::tuple<at::Tensor, at::Tensor> lanczos_step_cuda(const at::Tensor& W_in,
     const scalar_t* w = W.const_data_ptr<scalar_t>();
     const scalar_t* q_cur = Q_cur.const_data_ptr<scalar_t>();
     // M = Q_cur^T W, then A = (M + M^T) / 2.
-    gram_t_cuda(q_cur, w, n, b, b, M.mutable_data_ptr<double>(), nullptr, f64, stream);
+    gram_t_cuda(q_cur, ldc, w, ldw, n, b, b, M.mutable_data_ptr<double>(), nullptr, f64, stream);
     if (b > 0) {
       symmetrize_kernel<<<elementwise_blocks(b * b), kThreads, 0, stream>>>(
           M.const_data_ptr<double>(), b, A.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     // W_new = W - Q_cur A - Q_prev B_prev^T.
-    subtract_products_cuda(w, q_cur, A.const_data_ptr<double>(), b,
-                           Q_prev.const_data_ptr<scalar_t>(), B_t.const_data_ptr<double>(), r, n, b,
-                           W_new.mutable_data_ptr<scalar_t>(), stream);
+    subtract_products_cuda(w, ldw, q_cur, ldc, A.const_data_ptr<double>(), b,
+                           Q_prev.const_data_ptr<scalar_t>(), ldp, B_t.const_data_ptr<double>(), r,
+                           n, b, W_new.mutable_data_ptr<scalar_t>(), stream);
   });
   return std::make_tuple(W_new, A);
 }
