@@ -128,6 +128,8 @@ else
     log "setuptools missing: building with torch.utils.cpp_extension.load"
     run_phase build 260 "$BUILD_LOG" $PY - <<'EOF'
 import glob, json, os, platform, shutil, sysconfig
+if "CUDA_HOME" not in os.environ and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"  # as setup.py does
 import torch
 from torch.utils import cpp_extension
 

@@ -351,6 +351,29 @@ def test_assemble_tridiag_symmetric_layout():
     assert not T[r + 2 * b :, r : r + b].any()  # block 0 couples to block 1 only
 
 
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernels_match_cpu_reference(ops, dtype):
+    """The recurrence kernels on the GPU against the references run on the CPU."""
+    _need_kernels("cuda")
+    n, m, b = 20000, 24, 8
+    Q, V = _ortho_inputs(n, m, b, dtype, "cpu", "sliced", seed=51)
+    W, C = ops.orthogonalize(Q.cuda(), V.cuda(), 2)
+    W_ref, C_ref = _ops.orthogonalize_ref(Q, V, 2)
+    _assert_close(W.cpu(), W_ref, tol(dtype, 2) * max(1.0, _max_abs(W_ref)), "W")
+    _assert_close(C.cpu(), C_ref, tol(F64, 1e4) * max(1.0, _max_abs(C_ref)), "C")
+    args = _step_inputs(n, b, b, dtype, "cpu", "sliced", seed=52)
+    W_new, A = ops.lanczos_step(*(t.cuda() for t in args))
+    W_ref, A_ref = _ops.lanczos_step_ref(*args)
+    atol = tol(dtype, 2) * _max_abs(W_ref) + tol(F64, 1e4) * _max_abs(args[0])
+    _assert_close(W_new.cpu(), W_ref, atol, "W_new")
+    _assert_close(A.cpu(), A_ref, tol(F64, 1e4) * max(1.0, _max_abs(A_ref)), "A")
+    tri = _tridiag_inputs(6, 4, 5, "cpu", seed=53)
+    T = ops.assemble_tridiag(*(t.cuda() for t in tri))
+    assert torch.equal(T.cpu(), _ops.assemble_tridiag_ref(*tri))
+
+
 # --------------------------------------------------------------------------------------
 # Block layout: pack_block, pack_block_add_, unpack_block
 # --------------------------------------------------------------------------------------

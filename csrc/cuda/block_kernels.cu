@@ -32,7 +32,7 @@
 namespace curvx {
 namespace {
 
-constexpr int kThreads = 256;      // threads per block
+constexpr int kThreads = 256;       // threads per block
 constexpr int kTileEntries = 2048;  // entries of one tile, at most
 constexpr int kMaxTileCols = 64;    // columns of one tile, at most
 
@@ -125,7 +125,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
   // Write: neighbour threads write neighbour entries of a row of the block.
-  ot* dst = out + (table.row_begin[at.p] + at.r0) * ldo + at.j0;  // entry (r, j) at dst[r * ldo + j]
+  ot* dst =
+      out + (table.row_begin[at.p] + at.r0) * ldo + at.j0;  // entry (r, j) at dst[r * ldo + j]
   for (int e = threadIdx.x; e < count; e += kThreads) {
     const int r = e / at.cols, j = e - r * at.cols;
     ot* o = dst + r * ldo + j;
@@ -202,9 +203,8 @@ dim3 tile_grid(const char* op, const Segments& segments, int64_t k, const TileSh
   return dim3(static_cast<unsigned>(segments.tiles()), static_cast<unsigned>(column_chunks));
 }
 
-void pack_into_cuda(const at::Tensor& out, const OptionalTensorList& parts,
-                    at::IntArrayRef numels, at::ScalarType part_dtype, double weight,
-                    bool accumulate) {
+void pack_into_cuda(const at::Tensor& out, const OptionalTensorList& parts, at::IntArrayRef numels,
+                    at::ScalarType part_dtype, double weight, bool accumulate) {
   const char* op = accumulate ? "pack_block_add_" : "pack_block";
   const int64_t k = out.size(1);
   if (out.size(0) == 0 || k == 0) return;
@@ -222,6 +222,7 @@ void pack_into_cuda(const at::Tensor& out, const OptionalTensorList& parts,
     held.push_back(part->contiguous());
     addresses[i] = held.back().const_data_ptr();
   }
+  if (accumulate && held.empty()) return;  // nothing to add
   const at::Tensor table = device_table(segments, &addresses, out.device());
   const dim3 grid = tile_grid(op, segments, k, shape);
   const int64_t ldo = row_stride(out);
@@ -276,12 +277,13 @@ at::Tensor unpack_block_cuda(const at::Tensor& V_in, at::IntArrayRef numels,
   const dim3 grid = tile_grid("unpack_block", segments, k, shape);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, V.scalar_type(), "curvx_unpack_block_cuda", [&] {
     using vt = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "curvx_unpack_block_cuda", [&] {
-      unpack_block_kernel<vt, scalar_t><<<grid, kThreads, shape.shared_bytes<vt>(), stream>>>(
-          V.const_data_ptr<vt>(), ldv, table.const_data_ptr<int64_t>(), segments.parts(), k,
-          shape.rows, shape.cols, out.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND(
+        at::kBFloat16, out.scalar_type(), "curvx_unpack_block_cuda", [&] {
+          unpack_block_kernel<vt, scalar_t><<<grid, kThreads, shape.shared_bytes<vt>(), stream>>>(
+              V.const_data_ptr<vt>(), ldv, table.const_data_ptr<int64_t>(), segments.parts(), k,
+              shape.rows, shape.cols, out.mutable_data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
   });
   return out;
 }
