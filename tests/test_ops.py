@@ -1035,6 +1035,17 @@ def test_stale_build_falls_back(ops, tmp_path, monkeypatch):
     assert "built for torch 0.0.1" in ext.reason
 
 
+def test_extension_missing_ops_falls_back(ops, monkeypatch):
+    """A build from older sources (an op this Python expects is absent) is stale."""
+    monkeypatch.delenv(_ops.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(_ops, "_OP_NAMES", (*_ops._OP_NAMES, "absent_op_for_test"))
+    ext = _ops._load_extension()
+    assert ext.compiled and not ext.loaded
+    assert "built from older sources: it lacks the ops absent_op_for_test" in (
+        ext.reason
+    )
+
+
 def test_broken_extension_falls_back(tmp_path, monkeypatch):
     """A module that is found but fails to import (e.g. an ABI mismatch)."""
     monkeypatch.delenv(_ops.DISABLE_ENV, raising=False)
