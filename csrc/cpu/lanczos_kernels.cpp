@@ -7,6 +7,14 @@
 // Rows are processed in parallel with at::parallel_for (OpenMP); reductions over rows keep one
 // float64 partial per fixed chunk of rows and sum the partials in chunk order, so results do
 // not depend on the number of threads.
+//
+// Against the references (bench/test_bench_kernels.py; n = 199,210, basis a column slice, one
+// thread, a shared 2-core VM): orthogonalize m = 64, b = 8: 1.8x (float64), 2.1x (float32),
+// 1.9x (bfloat16); m = 32, b = 16, float64: 1.0x; lanczos_step b = 8: 1.3x (float64), 3.6x
+// (float32), b = 16 float64: 1.1x; assemble_tridiag 11-20x. The float64 cases with 16-column
+// blocks are kept at parity with MKL's DGEMM (memory-bound, one pass over the basis per product
+// either way): the kernels are there for float32 and bfloat16 bases, which the references must
+// first copy to float64, and for one implementation across block sizes.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
