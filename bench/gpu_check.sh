@@ -16,7 +16,7 @@
 #
 # Usage: bench/gpu_check.sh [RESULTS_DIR]   (default: $OUT, else bench/results/gpu)
 # Every phase has a hard time cap, and the whole run stops starting phases past
-# GPU_CHECK_BUDGET_S (default 465 s), so it ends within 8 minutes. A failing phase is
+# GPU_CHECK_BUDGET_S (default 450 s), so it ends within 8 minutes. A failing phase is
 # recorded and the next one still runs; the exit status is 0 when every phase passed.
 # Files written (8, flat): env.txt build.log tests.log bench.log kernels.json gpu.json
 # summary.json summary.md.
@@ -27,7 +27,7 @@ RESULTS=${1:-${OUT:-bench/results/gpu}}
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
 PY=${PYTHON:-python3}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-465}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 START=$(date +%s)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -92,7 +92,7 @@ print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
 EOF
 }
 MODULES="pytest pytest_benchmark numpy scipy tqdm setuptools torchvision"
-MISSING=$(missing_modules $MODULES)
+MISSING=$(missing_modules $MODULES) || MISSING=$MODULES
 # ninja (the binary) makes the build parallel; without it torch compiles file by file
 command -v ninja >/dev/null 2>&1 || MISSING="$MISSING ninja"
 MISSING=${MISSING# }
@@ -105,7 +105,7 @@ if [ -n "$MISSING" ]; then
         timeout 60 $PY -m pip install -q --disable-pip-version-check --timeout 5 \
             --retries 0 $PKGS >>"$ENV_TXT" 2>&1 || log "pip could not install: $PKGS"
     fi
-    MISSING=$(missing_modules $MODULES)
+    MISSING=$(missing_modules $MODULES) || MISSING=$MODULES
     command -v ninja >/dev/null 2>&1 || MISSING="$MISSING ninja"
     MISSING=${MISSING# }
 fi
