@@ -15,11 +15,16 @@ basis size (ARPACK's ncv), ``k`` the wanted pairs.
 
 Certificates: the solver keeps ``H Q`` next to ``Q`` (the products it has already
 paid for), so each Ritz pair's residual ``||H u - theta u||`` is computed
-explicitly, not estimated from the recurrence. A pair is converged when that
-residual is at most ``tol * ||H||_est`` (``||H||_est`` is the largest ``|theta|``
-seen), and then ``|theta - lambda| <= ||H u - theta u||`` holds for an eigenvalue
-``lambda`` of the operator as it was applied. The converged mask never says more
-than that.
+explicitly, not estimated from the recurrence. Each wanted value gets the smaller
+of two bounds on ``|theta - lambda|``: the residual norm ``r`` (Krylov-Bogoliubov:
+some eigenvalue lies within ``r``) and, when the gap ``delta`` to the rest of the
+spectrum exceeds ``r``, the Kato-Temple bound ``r**2 / delta`` (``delta`` from the
+other Ritz values and the caller's hint, see :func:`_certify`). A pair is
+converged when its bound is at most ``tol * ||H||_est`` (``||H||_est`` is the
+largest ``|theta|`` seen): ``tol`` is the relative accuracy of the eigenvalues, as
+in ARPACK. ``EigResult.certificate`` names the bound that did it, and
+``residual / delta`` bounds the eigenvector's angle. The bounds hold for the
+operator as it was applied.
 
 Note:
     Residuals certify that each returned pair is an eigenpair; that it is the
@@ -67,10 +72,13 @@ class EigResult:
             largest ``ceil(k/2)`` then the smallest ``floor(k/2)``, all descending.
         eigenvectors: ``[n, k]`` float64, orthonormal columns.
         residuals: ``[k]`` ``||H u - theta u||`` (absolute).
-        bounds: ``[k]`` a bound on ``|theta - lambda|`` (here the residual norm).
-        certificate: per pair, the bound that certified it (``"residual"``) or
-            ``"none"`` when it is not converged.
-        converged: ``[k]`` bool, ``residual <= tol * norm_estimate``.
+        bounds: ``[k]`` a bound on ``|theta - lambda|``: the smaller of the
+            residual norm and the Kato-Temple bound ``residual**2 / gap``.
+        certificate: per pair, the bound that certified it (``"residual"`` or
+            ``"kato-temple"``), or ``"none"`` when it is not converged.
+        gaps: ``[k]`` the gap used by the Kato-Temple bound (0 where none was
+            known); ``residual / gap`` bounds the sine of the eigenvector's error.
+        converged: ``[k]`` bool, ``bound <= tol * norm_estimate + atol``.
         iterations: block Lanczos steps (each applies the operator to one block).
         restarts: thick restarts.
         hvps: operator applications, counted in vectors.
@@ -78,10 +86,11 @@ class EigResult:
             (by the callback) or ``"dense"`` (small operator solved exactly).
         which, tol: as requested.
         norm_estimate: the largest ``|theta|`` seen, the scale of ``tol``.
-        ritz_values, ritz_vectors, ritz_residuals: the wanted pairs plus up to a
-            block of neighbours at each wanted end (``[r]``, ``[n, r]``, ``[r]``),
-            in the order top (descending) then bottom (ascending). Trackers use
-            them to see clusters that straddle the k-th value and to warm start.
+        ritz_values, ritz_vectors, ritz_residuals, ritz_products: the wanted
+            pairs plus up to a block of neighbours at each wanted end (``[r]``,
+            ``[n, r]``, ``[r]``, and ``H U`` as ``[n, r]``), in the order top
+            (descending) then bottom (ascending). Trackers use them to see
+            clusters that straddle the k-th value and to warm start.
         top_count: how many of the ``ritz_*`` entries belong to the top end.
     """
 
@@ -101,7 +110,9 @@ class EigResult:
     ritz_values: Tensor = field(repr=False, default=None)
     ritz_vectors: Tensor = field(repr=False, default=None)
     ritz_residuals: Tensor = field(repr=False, default=None)
+    ritz_products: Tensor = field(repr=False, default=None)
     top_count: int = 0
+    gaps: Tensor = field(repr=False, default=None)
 
     @property
     def n_converged(self) -> int:
@@ -118,6 +129,7 @@ class EigResult:
             "residuals": self.residuals.tolist(),
             "bounds": self.bounds.tolist(),
             "certificate": list(self.certificate),
+            "gaps": self.gaps.tolist() if self.gaps is not None else None,
             "converged": self.converged.tolist(),
             "iterations": self.iterations,
             "restarts": self.restarts,
@@ -248,12 +260,93 @@ def _start_block(
     return Q
 
 
+def _basis_size(k_total: int, b: int, max_basis: int | None = None) -> int:
+    """Basis columns ``m`` before a restart: whole blocks, default
+    ``max(3 k + 3 b, 8 b, 40)``."""
+    m = max_basis if max_basis is not None else max(3 * k_total + 3 * b, 8 * b, 40)
+    return -(-m // b) * b
+
+
+def solves_densely(n: int, k_total: int, b: int, max_basis: int | None = None) -> bool:
+    """Whether :func:`solve` builds the dense matrix (``n`` products) instead of
+    a Krylov basis for an operator of size ``n``."""
+    return n <= _basis_size(k_total, max(1, min(b, n)), max_basis) + b
+
+
 def _select(theta: Tensor, k_top: int, k_bottom: int) -> tuple[Tensor, Tensor]:
     """Indices of the ``k_top`` largest (descending) and ``k_bottom`` smallest."""
     order = torch.argsort(theta)
     top = order.flip(0)[:k_top]
     bottom = order[:k_bottom]
     return top, bottom
+
+
+def _certify(
+    theta: Tensor,
+    wanted: Tensor,
+    res: Tensor,
+    n_top: int,
+    hints: tuple[float | None, float | None],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Error bounds of the wanted Ritz values: residual or Kato-Temple.
+
+    For a unit Ritz vector with residual ``r`` and an eigenvalue ``lambda`` that
+    is the only one within ``gap`` of ``theta``, ``|theta - lambda| <= r**2 / gap``
+    (Kato 1949, Temple 1952), far below ``r`` once ``r << gap``. The gap of a
+    wanted value is its distance to the other wanted values (less their
+    residuals) and to the unwanted side: the nearest unwanted Ritz value of this
+    basis or the caller's hint (an estimate of the next eigenvalue beyond the
+    wanted ones, e.g. a tracker's last measurement), whichever is closer. That
+    the unwanted side holds no eigenvalue closer than that is the assumption
+    every Krylov solver makes about which eigenvalues it has found; the residual
+    bound is used where the gap is not larger than ``r``.
+
+    Args:
+        theta: ``[c]`` all Ritz values of the basis.
+        wanted: ``[w]`` indices into ``theta``; the first ``n_top`` are the top end.
+        res: ``[w]`` residual norms of the wanted pairs.
+        hints: estimates of the largest unwanted eigenvalue below the top end and
+            the smallest above the bottom end (None: unknown).
+
+    Returns:
+        ``bounds [w]``, ``gaps [w]`` (0 where unknown) and ``kato [w]`` (bool:
+        the Kato-Temple bound is the smaller one).
+    """
+    w = wanted.numel()
+    tw = theta[wanted]
+    inf = torch.full((), math.inf, dtype=theta.dtype, device=theta.device)
+
+    # Distances to the other wanted values, less their residuals
+    D = (tw[:, None] - tw[None, :]).abs() - res[None, :]
+    D.fill_diagonal_(math.inf)
+    gaps = D.min(dim=1).values if w > 1 else inf.expand(w).clone()
+
+    # The unwanted side of each end: nearest unwanted Ritz value or the hint
+    unwanted = torch.ones(theta.numel(), dtype=torch.bool, device=theta.device)
+    unwanted[wanted] = False
+    rest = theta[unwanted]
+    for end, sl in ((0, slice(0, n_top)), (1, slice(n_top, w))):
+        if sl.start == sl.stop:
+            continue
+        edge = []
+        if rest.numel():
+            edge.append(float(rest.max() if end == 0 else rest.min()))
+        if hints[end] is not None and math.isfinite(hints[end]):
+            edge.append(float(hints[end]))
+        if not edge:
+            gaps[sl] = 0.0  # nothing known beyond the wanted values
+            continue
+        near = max(edge) if end == 0 else min(edge)
+        side = tw[sl] - near if end == 0 else near - tw[sl]
+        gaps[sl] = torch.minimum(gaps[sl], side)
+    gaps = gaps.clamp(min=0.0)
+    gaps = torch.where(torch.isfinite(gaps), gaps, torch.zeros_like(gaps))
+
+    # The smaller bound wins; Kato-Temple only where the gap exceeds the residual
+    kato = gaps > res
+    kt = res.square() / torch.where(kato, gaps, torch.ones_like(gaps))
+    bounds = torch.where(kato, torch.minimum(kt, res), res)
+    return bounds, gaps, kato & (kt < res)
 
 
 def _select_neighbours(
@@ -336,6 +429,9 @@ def solve(
     extend_rtol: float | None = None,
     extend_max: int = 32,
     symmetry_tol: float = 1e-2,
+    gap_hints: tuple[float | None, float | None] = (None, None),
+    kato_temple: bool = True,
+    refine: float | None = None,
 ) -> tuple[EigResult, EigResult | None]:
     """Block Lanczos for both ends of the spectrum; the engine behind :func:`lanczos`.
 
@@ -365,6 +461,16 @@ def solve(
         extend_rtol, extend_max: grow the returned neighbour set (``ritz_*``) to
             the end of a cluster of Ritz values closer than
             ``extend_rtol * max|theta|``, by at most ``extend_max`` pairs.
+        gap_hints: estimates of the largest eigenvalue below the wanted top end
+            and the smallest above the wanted bottom end, used (with this basis's
+            own unwanted Ritz values) as the gap of the Kato-Temple bound; a
+            tracker passes its last measurement. None: the basis alone.
+        kato_temple: accept the Kato-Temple bound ``r**2 / gap`` (see
+            :func:`_certify`); False: residual bounds only.
+        refine: when the solve needs more than ``min_iterations`` steps, go on
+            until the bounds are below ``refine * tol`` (within the budget): a
+            tracker's next warm start then begins well inside the tolerance.
+            The result is converged by ``tol`` either way.
 
     Returns:
         ``(top, bottom)`` results; ``bottom`` is None when ``k_bottom == 0``. Both
@@ -407,8 +513,7 @@ def solve(
     if v0 is not None:
         b = max(b, v0.shape[1])
     b = max(1, min(b, n))
-    m = max_basis if max_basis is not None else max(3 * k_total + 3 * b, 8 * b, 40)
-    m = -(-m // b) * b  # round up to whole blocks
+    m = _basis_size(k_total, b, max_basis)
     if max_basis is not None and m < k_total + 2 * b:
         raise ValueError(
             f"max_basis={max_basis} is too small for {k_total} wanted pairs with "
@@ -416,7 +521,7 @@ def solve(
         )
     if max_hvps is None:
         max_hvps = max(1000, 40 * k_total * b)
-    dense = n <= m + b
+    dense = solves_densely(n, k_total, b, max_basis)
     if max_hvps < (n if dense else b):
         raise ValueError(
             f"max_hvps={max_hvps} cannot pay for one step: "
@@ -448,6 +553,7 @@ def solve(
         res = torch.linalg.vector_norm(HU_all - U_all * theta, dim=0)
         return _finish(
             theta,
+            torch.arange(n, device=device),
             U_all,
             res,
             top,
@@ -461,11 +567,29 @@ def solve(
             restarts=0,
             hvps=n,
             status="dense",
+            HU_all=HU_all,
+            hints=gap_hints if kato_temple else None,
         )
 
     # Storage: the basis Q and the products H Q, m columns plus one block
-    Q = torch.empty(n, m + b, dtype=_F64, device=device)
+    # (allocated for a few blocks and grown on demand: a warm start usually
+    # stops after one or two, and a full [n, m] float64 pair costs more to
+    # allocate and touch than those steps)
+    capacity = min(m + b, 4 * b)
+    Q = torch.empty(n, capacity, dtype=_F64, device=device)
     HQ = torch.empty_like(Q)
+
+    def grow(needed: int) -> None:
+        nonlocal Q, HQ, capacity
+        if needed <= capacity:
+            return
+        capacity = min(m + b, max(needed, 2 * capacity))
+        Q2 = torch.empty(n, capacity, dtype=_F64, device=device)
+        HQ2 = torch.empty_like(Q2)
+        Q2[:, :cols].copy_(Q[:, :cols])
+        HQ2[:, :cols].copy_(HQ[:, :cols])
+        Q, HQ = Q2, HQ2
+
     cols = 0
     head = torch.zeros(0, 0, dtype=_F64, device=device)
     coupling = torch.zeros(b, 0, dtype=_F64, device=device)
@@ -512,26 +636,32 @@ def solve(
         theta, Y = torch.linalg.eigh(T)
         norm_est = max(norm_est, float(theta.abs().max()))
 
-        # 5. Next block and its coupling: W = Q_{j+1} B_j
-        Q_next, B = _next_block(
-            W, Q[:, :cols], 1e-12 * max(norm_est, 1e-300), generator
-        )
-
-        # 6. Convergence: the recurrence's residual estimate ||B_j Y_last|| first,
-        #    then the explicit residual ||H u - theta u|| (from the stored H Q),
-        #    which alone decides
+        # 5. Convergence: the recurrence's residual estimate ||W Y_last|| (W is
+        #    the residual block, = Q_{j+1} B_j) first, then the explicit residual
+        #    ||H u - theta u|| (from the stored H Q), which alone decides
         enough = T.shape[0] >= k_total
         top, bottom = _select(theta, k_top, k_bottom)
         wanted = torch.cat([top, bottom])
         thresh = tol * norm_est + atol
-        res = torch.linalg.vector_norm(B @ Y[-b:, wanted], dim=0)
-        conv = res <= thresh
+        if refine is not None and iterations > min_iterations:
+            thresh *= refine
+        hints = gap_hints if kato_temple else (None, None)
+        res = torch.linalg.vector_norm(W @ Y[-b:, wanted], dim=0)
+        bound = (
+            _certify(theta, wanted, res, top.numel(), hints)[0] if kato_temple else res
+        )
+        conv = bound <= thresh
         done = False
         if enough and iterations >= min_iterations and bool(conv.all()):
             U = Q[:, :cols] @ Y[:, wanted]
             HU = HQ[:, :cols] @ Y[:, wanted]
             res = torch.linalg.vector_norm(HU - U * theta[wanted], dim=0)
-            conv = res <= thresh
+            bound = (
+                _certify(theta, wanted, res, top.numel(), hints)[0]
+                if kato_temple
+                else res
+            )
+            conv = bound <= thresh
             done = bool(conv.all())
         if callback is not None:
             state = LanczosState(
@@ -553,9 +683,14 @@ def solve(
             status = "max_hvps"
             break
 
+        # 6. Next block and its coupling: W = Q_{j+1} B_j
+        Q_next, B = _next_block(
+            W, Q[:, :cols], 1e-12 * max(norm_est, 1e-300), generator
+        )
+
         if cols + b > m:
             # 7a. Thick restart: keep the wanted Ritz vectors and a block of guards
-            unconv = res[~conv] / max(thresh, 1e-300)
+            unconv = bound[~conv] / max(thresh, 1e-300)
             worst = float(unconv.max()) if unconv.numel() else 0.0
             if worst < 0.9 * best_worst:
                 best_worst, stalls = worst, 0
@@ -592,24 +727,24 @@ def solve(
             # 7b. Extend: the coupling B_j becomes the next step's B_{j-1}
             betas.append(B)
             Q_prev, B_prev = Q_cur, B
+        grow(cols + b)
         Q[:, cols : cols + b] = Q_next
         Q_cur = Q[:, cols : cols + b]
 
     # Final Ritz pairs: the wanted ones and a block of neighbours at each end
+    # (only their columns are formed: pos maps a Ritz index to its column)
     top, bottom = _select_neighbours(theta, k_top, k_bottom, b, extend_rtol, extend_max)
-    idx = torch.cat([top, bottom])
-    U_all = torch.zeros(n, theta.numel(), dtype=_F64, device=device)
-    HU_all = torch.zeros_like(U_all)
-    U_all[:, idx] = Q[:, :cols] @ Y[:, idx]
-    HU_all[:, idx] = HQ[:, :cols] @ Y[:, idx]
-    res_all = torch.zeros(theta.numel(), dtype=_F64, device=device)
-    res_all[idx] = torch.linalg.vector_norm(
-        HU_all[:, idx] - U_all[:, idx] * theta[idx], dim=0
-    )
+    idx = torch.unique(torch.cat([top, bottom]))
+    pos = torch.full((theta.numel(),), -1, dtype=torch.long, device=device)
+    pos[idx] = torch.arange(idx.numel(), device=device)
+    U_sel = Q[:, :cols] @ Y[:, idx]
+    HU_sel = HQ[:, :cols] @ Y[:, idx]
+    res_sel = torch.linalg.vector_norm(HU_sel - U_sel * theta[idx], dim=0)
     return _finish(
         theta,
-        U_all,
-        res_all,
+        pos,
+        U_sel,
+        res_sel,
         top,
         bottom,
         k_top,
@@ -621,11 +756,14 @@ def solve(
         restarts=restarts,
         hvps=hvps,
         status=status,
+        HU_all=HU_sel,
+        hints=gap_hints if kato_temple else None,
     )
 
 
 def _finish(
     theta,
+    pos,
     U_all,
     res_all,
     top,
@@ -640,13 +778,28 @@ def _finish(
     restarts,
     hvps,
     status,
+    HU_all,
+    hints,
 ) -> tuple[EigResult, EigResult | None]:
-    """Package the top and bottom ends as results."""
-    thresh = tol * norm_est + atol
+    """Package the top and bottom ends as results, with their bounds.
 
-    def make(idx: Tensor, k: int, which: str, ext_top: int) -> EigResult:
+    ``U_all``, ``HU_all`` and ``res_all`` hold the formed Ritz pairs; ``pos`` maps
+    an index into ``theta`` to its column there.
+    """
+    thresh = tol * norm_est + atol
+    wanted = torch.cat([top[:k_top], bottom[:k_bottom]])
+    res_w = res_all[pos[wanted]]
+    if hints is None:
+        bounds_w, gaps_w = res_w, torch.zeros_like(res_w)
+        kato_w = torch.zeros_like(res_w, dtype=torch.bool)
+    else:
+        bounds_w, gaps_w, kato_w = _certify(theta, wanted, res_w, k_top, hints)
+
+    def make(idx: Tensor, k: int, which: str, ext_top: int, sl: slice) -> EigResult:
         want = idx[:k]
-        conv = res_all[want] <= thresh
+        pw, pi = pos[want], pos[idx]
+        bound, gap, kato = bounds_w[sl], gaps_w[sl], kato_w[sl]
+        conv = bound <= thresh
         if bool(conv.all()):
             final = "converged"
         elif status in ("dense", "converged"):
@@ -655,10 +808,14 @@ def _finish(
             final = status
         return EigResult(
             eigenvalues=theta[want].clone(),
-            eigenvectors=U_all[:, want].clone(),
-            residuals=res_all[want].clone(),
-            bounds=res_all[want].clone(),
-            certificate=["residual" if c else "none" for c in conv.tolist()],
+            eigenvectors=U_all[:, pw],
+            residuals=res_all[pw],
+            bounds=bound.clone(),
+            certificate=[
+                ("kato-temple" if kt else "residual") if c else "none"
+                for c, kt in zip(conv.tolist(), kato.tolist())
+            ],
+            gaps=gap.clone(),
             converged=conv,
             iterations=iterations,
             restarts=restarts,
@@ -668,13 +825,18 @@ def _finish(
             tol=tol,
             norm_estimate=norm_est,
             ritz_values=theta[idx].clone(),
-            ritz_vectors=U_all[:, idx].clone(),
-            ritz_residuals=res_all[idx].clone(),
+            ritz_vectors=U_all[:, pi],
+            ritz_residuals=res_all[pi],
+            ritz_products=HU_all[:, pi],
             top_count=ext_top,
         )
 
-    top_res = make(top, k_top, "LA", top.numel()) if k_top else None
-    bottom_res = make(bottom, k_bottom, "SA", 0) if k_bottom else None
+    top_res = make(top, k_top, "LA", top.numel(), slice(0, k_top)) if k_top else None
+    bottom_res = (
+        make(bottom, k_bottom, "SA", 0, slice(k_top, k_top + k_bottom))
+        if k_bottom
+        else None
+    )
     if top_res is None:
         return bottom_res, None
     return top_res, bottom_res
@@ -758,6 +920,7 @@ def lanczos(
         residuals=torch.cat([top.residuals, bottom.residuals[flip]]),
         bounds=torch.cat([top.bounds, bottom.bounds[flip]]),
         certificate=top.certificate + [bottom.certificate[i] for i in flip.tolist()],
+        gaps=torch.cat([top.gaps, bottom.gaps[flip]]),
         converged=torch.cat([top.converged, bottom.converged[flip]]),
         iterations=top.iterations,
         restarts=top.restarts,
@@ -769,5 +932,6 @@ def lanczos(
         ritz_values=torch.cat([top.ritz_values, bottom.ritz_values]),
         ritz_vectors=torch.cat([top.ritz_vectors, bottom.ritz_vectors], 1),
         ritz_residuals=torch.cat([top.ritz_residuals, bottom.ritz_residuals]),
+        ritz_products=torch.cat([top.ritz_products, bottom.ritz_products], 1),
         top_count=top.top_count,
     )

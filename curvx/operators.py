@@ -467,14 +467,19 @@ class HessianOperator:
 
     # ------------------------------------------------------- loss and gradient
 
-    def loss_and_grad(self) -> tuple[Tensor, Tensor]:
+    def loss_and_grad(self, keep: bool = True) -> tuple[Tensor, Tensor]:
         """Mean loss (0-dim) and its gradient ``[n]`` at the current parameters.
 
         Never touches ``.grad``. With the kept graph this is free (it is the
-        graph's first backward).
+        graph's first backward), and ``keep=True`` builds that graph when the
+        kept-graph path is in use, so the products that follow reuse this pass
+        (the fused step). ``keep=False`` runs a plain backward (no graph kept)
+        unless a current kept graph already holds the answer.
         """
         self.check_parameters()
-        if self.method in (None, "kept-graph"):
+        if not keep and self._graph is not None and self._graph_is_current():
+            return self._graph_loss, self._graph_grad
+        if keep and self.method in (None, "kept-graph"):
             try:
                 self._ensure_graph()
             except Exception as err:  # noqa: BLE001 - fallback chain

@@ -227,7 +227,13 @@ def compare(
         k: the tracked count.
 
     Returns:
-        ``rotation_top1`` (cluster-aware ``|cos|``), ``subspace_similarity``
+        ``rotation_top1`` (the overlap of the previous top vector with its match
+        among the new ones, cluster-aware: an eigenvalue crossing, where the
+        vectors keep their directions and swap places, shows no rotation),
+        ``top1_cosine`` (``|cos|`` between the two top vectors as they are
+        ordered, cluster-aware: the crossing counts there), ``crossings``
+        (``[i_prev, j_new]`` matched pairs whose places changed, outside
+        clusters), ``subspace_similarity``
         (cos of rms principal angle between the top-k subspaces, each extended to
         the end of a cluster cut at k), ``max_principal_angle`` (radians),
         ``matching`` (``[i_prev, j_new, overlap]`` for the top-k vectors, the
@@ -236,18 +242,28 @@ def compare(
     k0 = cluster_extent(prev_values, k, rtol, prev_residuals)
     k1 = cluster_extent(values, k, rtol, residuals)
     angles = principal_angles(prev_vectors[:, :k0], vectors[:, :k1])
+    new_groups = clusters(values[:k1], rtol, _head(residuals, k1))
     pairs = match(
         prev_vectors[:, :k0],
         vectors[:, :k1],
         clusters(prev_values[:k0], rtol, _head(prev_residuals, k0)),
-        clusters(values[:k1], rtol, _head(residuals, k1)),
+        new_groups,
         count=k,
     )
+
+    # The previous top vector followed to its match: a crossing (the top two
+    # eigenvalues swap, their vectors stay) is not a rotation
+    group_of = {j: set(g) for g in new_groups for j in g}
+    top_pair = next((p for p in pairs if p[0] == 0), None)
+    crossed = [[i, j] for i, j, _ in pairs if i != j and i not in group_of.get(j, {j})]
+    raw = top1_cosine(
+        prev_values, prev_vectors, values, vectors, rtol, prev_residuals, residuals
+    )
     return {
-        "rotation_top1": top1_cosine(
-            prev_values, prev_vectors, values, vectors, rtol, prev_residuals, residuals
-        ),
+        "rotation_top1": top_pair[2] if top_pair is not None else raw,
+        "top1_cosine": raw,
         "subspace_similarity": math.cos(math.sqrt(float((angles**2).mean()))),
         "max_principal_angle": float(angles.max()),
         "matching": [[i, j, c] for i, j, c in pairs],
+        "crossings": crossed,
     }

@@ -221,7 +221,13 @@ def _add_train_parser(sub) -> None:
         "--tol",
         type=_positive_float,
         default=None,
-        help="tracker residual tolerance (default: the tracker's)",
+        help="relative eigenvalue accuracy of the tracker (default: the tracker's)",
+    )
+    g.add_argument(
+        "--unfused",
+        action="store_true",
+        help="compute the training gradient with a separate backward before "
+        "tracking (default: the tracker's fused step fills .grad from the same pass)",
     )
     g.add_argument(
         "--track-method", default="auto", help="tracker method (curvx.track method=)"
@@ -320,6 +326,7 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         eval_every=args.eval_every,
         chunk_size=args.chunk_size,
         tol=args.tol,
+        fused=not args.unfused,
         track_method=args.track_method,
         seed=args.seed,
         device=args.device,

@@ -12,17 +12,22 @@ Per-step record keys (always present; ``null`` when not computed at that step):
 
 - ``step``, ``lr``, ``status`` (``"ok"`` or ``"diverged"``), ``train_loss``,
   ``train_acc`` (full training subset at the current parameters theta_t; ``null``
-  when not finite, which makes the step ``"diverged"`` and ends the run);
+  when not finite, which makes the step ``"diverged"`` and ends the run; with the
+  fused tracking step, ``train_acc`` is measured on evaluation steps only);
 - ``test_loss``, ``test_acc``: on evaluation steps only, else ``null``;
 - from the tracker, on tracked steps only, else ``null``: ``sharpness``,
-  ``eigenvalues`` (descending), ``residuals``, ``converged``, ``lambda_min``,
-  ``rotation_top1``, ``subspace_similarity``, ``max_principal_angle``, ``hvps``,
-  ``iterations``, ``track_seconds``, ``track_status``, ``track_method``; other
-  fields of the tracker's record are kept with a ``track_`` prefix (e.g.
-  ``track_loss``, the loss the tracker evaluated, equal to ``train_loss``);
+  ``eigenvalues`` (descending), ``residuals``, ``bounds`` (certified bounds on
+  ``|theta - lambda|``), ``certificates`` (``"residual"`` / ``"kato-temple"`` /
+  ``"none"``), ``converged``, ``lambda_min``, ``crossed`` (``"up"`` / ``"down"``
+  when the sharpness crossed the optimizer's threshold), ``rotation_top1``,
+  ``subspace_similarity``, ``max_principal_angle``, ``hvps``, ``iterations``,
+  ``track_seconds``, ``track_status``, ``track_method``; other fields of the
+  tracker's record are kept with a ``track_`` prefix (e.g. ``track_loss``, the
+  loss the tracker evaluated, equal to ``train_loss``);
 - ``grad_norm``: Euclidean norm of the full-batch gradient at theta_t;
 - ``step_seconds``: wall time of the full-batch loss and gradient at theta_t (the GD
-  step's cost, without tracking or test evaluation);
+  step's cost, without tracking or test evaluation); on a fused tracked step, the
+  fused step's time (gradient and tracking together);
 - ``elapsed_seconds``: wall time since the training loop started (after data
   loading and model construction).
 """
@@ -56,8 +61,11 @@ TRACK_KEYS = (
     "sharpness",
     "eigenvalues",
     "residuals",
+    "bounds",
+    "certificates",
     "converged",
     "lambda_min",
+    "crossed",
     "rotation_top1",
     "subspace_similarity",
     "max_principal_angle",

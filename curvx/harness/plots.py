@@ -130,8 +130,9 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
         ax.plot(xs, ys, lw=1, color="C3", label=r"$\lambda_{\min}$")
     opt = config.get("optimizer", {})
     thr = opt.get("threshold")
-    # Adam's threshold bounds the preconditioned sharpness, not the plotted one
-    if thr and config["settings"]["optimizer"] != "adam":
+    # (for Adam the tracked sharpness is the preconditioned one its threshold
+    # bounds)
+    if thr:
         label = _THRESHOLD_LABELS.get(config["settings"]["optimizer"], "threshold")
         ax.axhline(thr, color="k", ls="--", lw=1, label=label)
     finite = sorted(abs(y) for y in ys if y is not None and math.isfinite(y))

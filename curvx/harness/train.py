@@ -16,11 +16,13 @@ Order of work at step ``t`` (parameters theta_t, for ``t = 0 .. steps``):
 
 1. full-batch loss and gradient at theta_t, over fixed chunks that cover every
    training example once, chunk losses weighted by ``n_c / N`` (the same chunks and
-   loss the tracker is given, so the Hessian is that of the loss being minimized);
+   loss the tracker is given, so the Hessian is that of the loss being minimized).
+   On tracked steps (``t % track_every == 0`` and the final step) the fused step
+   ``tracker.step(step=t, lr=lr, backward=True)`` computes them and the eigenpairs
+   in one pass (``--unfused``: a plain backward, then ``tracker.step`` in 3.);
 2. if the loss or gradient is not finite: write the record with status
    ``"diverged"`` and stop (the run ends normally, status ``"diverged"``);
-3. ``tracker.step(step=t, lr=lr)`` at theta_t when ``t % track_every == 0`` and at
-   the final step;
+3. unfused only: ``tracker.step(step=t, lr=lr)`` at theta_t on tracked steps;
 4. test evaluation when ``t % eval_every == 0`` and at the final step;
 5. write the step record;
 6. ``optimizer.step()`` (theta_t -> theta_{t+1}), except after the final record.
@@ -119,7 +121,12 @@ class TrainConfig:
         eval_every: Evaluate on the test subset every this many steps; 0: only at
             the end.
         chunk_size: Examples per chunk for loss, gradient and HVPs; ``None``: all.
-        tol: Tracker convergence tolerance; ``None``: the tracker's default.
+        tol: Tracker eigenvalue accuracy (relative); ``None``: the tracker's default.
+        fused: On tracked steps, let the tracker compute the training gradient
+            (``tracker.step(backward=True)``: one forward and backward serve the
+            update and the Hessian products). Then ``train_acc`` is computed on
+            evaluation steps only (a separate no-grad pass), and ``step_seconds``
+            is the fused step's time.
         track_method: Tracker ``method`` argument.
         seed: Seed for model initialization and the tracker.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (or ``"cuda:N"``).
@@ -152,6 +159,7 @@ class TrainConfig:
     eval_every: int = 10
     chunk_size: int | None = None
     tol: float | None = None
+    fused: bool = True
     track_method: str = "auto"
     seed: int = 0
     device: str = "auto"
@@ -246,7 +254,8 @@ def stability_threshold(cfg: TrainConfig) -> tuple[float, str, str]:
     Returns:
         ``(value, rule, note)``: ``2/lr`` for GD; ``2(1+beta)/lr`` for heavy-ball
         momentum; ``(2+2*beta1)/((1-beta1)*lr)`` for Adam, which applies to the
-        *preconditioned* sharpness, while the tracker reports the plain one.
+        *preconditioned* sharpness, which is what the tracker then reports (it is
+        given the optimizer and reads Adam's state).
     """
     lr = cfg.lr
     if cfg.optimizer == "gd":
@@ -263,9 +272,9 @@ def stability_threshold(cfg: TrainConfig) -> tuple[float, str, str]:
         (2.0 + 2.0 * b1) / ((1.0 - b1) * lr),
         "(2+2*beta1)/((1-beta1)*lr)",
         "Adam's threshold applies to the preconditioned sharpness "
-        "lambda_max(P^-1 H); the tracked value is the plain sharpness "
-        "lambda_max(H), so the two are NOT directly comparable (preconditioned "
-        "sharpness is not tracked yet)",
+        "lambda_max(P^-1/2 H P^-1/2), P = (1-beta1^t)(sqrt(v_hat)+eps) from Adam's "
+        "state, which is what the tracker reports (the plain Hessian before the "
+        "first update, when Adam has no state yet)",
     )
 
 
@@ -533,6 +542,7 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
                 seed=cfg.seed,
                 method=cfg.track_method,
                 mode="eval",
+                optimizer=optimizer,
             )
         except ValueError as exc:
             raise ConfigError(f"tracker settings rejected: {exc}") from exc
@@ -581,16 +591,22 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
             "k": cfg.k,
             "lambda_min": cfg.lambda_min,
             "tol": cfg.tol,
+            "fused": cfg.fused,
             "method": cfg.track_method,
             "mode": "eval",
             "seed": cfg.seed,
             "quantity": "eigenpairs of the Hessian of the training loss above "
-            "(plain, not preconditioned)",
+            + (
+                "preconditioned by Adam's state: P^-1/2 H P^-1/2"
+                if cfg.optimizer == "adam"
+                else "(plain)"
+            ),
             "policy": getattr(tracker, "policy", None),
         },
-        "step_order": "at theta_t: full-batch loss+grad; tracker.step (t % every == "
-        "0 or final); test eval (t % eval_every == 0 or final); write record; "
-        "optimizer.step(). steps updates -> steps+1 records",
+        "step_order": "at theta_t: full-batch loss+grad (on tracked steps, t % every "
+        "== 0 or final, from the fused tracker.step(backward=True) unless "
+        "--unfused, then tracker.step after it); test eval (t % eval_every == 0 or "
+        "final); write record; optimizer.step(). steps updates -> steps+1 records",
         "metrics_keys": list(_metrics.RECORD_KEYS),
         "metrics_notes": "keys are always present; null when not computed at that "
         "step (test_* off eval steps, tracker keys off tracked steps) or when the "
@@ -622,9 +638,34 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
             record = dict.fromkeys(_metrics.RECORD_KEYS)
             record.update(step=t, lr=cfg.lr, status="ok")
 
+            tracked = tracker is not None and (t % cfg.track_every == 0 or final)
+            evaluating = final or (cfg.eval_every > 0 and t % cfg.eval_every == 0)
+            rec = None
             _sync(device)
             t0 = time.perf_counter()
-            loss, acc = full_batch_loss_and_grad(model, loss_fn, train_chunks)
+            if tracked and cfg.fused:
+                # The fused step: the tracker's forward and first backward fill
+                # .grad and serve the Hessian products
+                for p in model.parameters():
+                    p.grad = None
+                try:
+                    rec = tracker.step(step=t, lr=cfg.lr, backward=True)
+                except Exception as exc:  # noqa: BLE001 - run continues, recorded
+                    n_track_failures += 1
+                    record["track_status"] = f"failed: {type(exc).__name__}: {exc}"
+                    logger.warning(
+                        "tracking failed at step %d: %r", t, exc, exc_info=True
+                    )
+            have_grad = rec is not None and rec.loss is not None
+            have_grad = have_grad and all(
+                p.grad is not None for p in model.parameters() if p.requires_grad
+            )
+            if have_grad:
+                loss, acc = rec.loss, None
+                if evaluating:
+                    acc = evaluate(model, loss_fn, train_chunks)[1]
+            else:
+                loss, acc = full_batch_loss_and_grad(model, loss_fn, train_chunks)
             grad_norm = _grad_norm(model)
             _sync(device)
             record.update(
@@ -633,6 +674,8 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
                 grad_norm=grad_norm,
                 step_seconds=time.perf_counter() - t0,
             )
+            if rec is not None:
+                record.update(_track_fields(rec.as_dict()))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 record["status"] = "diverged"
                 record["elapsed_seconds"] = time.perf_counter() - loop0
@@ -645,7 +688,7 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
                 )
                 break
 
-            if tracker is not None and (t % cfg.track_every == 0 or final):
+            if tracked and not cfg.fused:
                 try:
                     rec = tracker.step(step=t, lr=cfg.lr)
                     record.update(_track_fields(rec.as_dict()))
@@ -696,9 +739,8 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
             extra["tracking_policy"] = tracker.policy
         summary = _metrics.summarize(
             records,
-            # Adam's threshold is for the preconditioned sharpness, which is not
-            # tracked: no ratio of the plain sharpness to it is reported
-            threshold=None if cfg.optimizer == "adam" else threshold,
+            # (for Adam, the tracked sharpness is the preconditioned one)
+            threshold=threshold,
             status=status,
             wall_seconds=time.perf_counter() - wall0,
             extra=extra,
