@@ -79,8 +79,11 @@ def test_compare_crossing_is_not_rotation():
     assert out["subspace_similarity"] == pytest.approx(1.0, abs=1e-14)
     assert out["max_principal_angle"] < 1e-7
     assert [m[:2] for m in out["matching"]] == [[0, 1], [1, 0]]
-    # the top-1 vector did change: that is what rotation_top1 reports
-    assert out["rotation_top1"] < 1e-7
+    # followed to its match, the previous top vector did not move; the raw
+    # top-1 cosine sees the swap, and the crossing is reported
+    assert out["rotation_top1"] == pytest.approx(1.0, abs=1e-14)
+    assert out["top1_cosine"] < 1e-7
+    assert out["crossings"] == [[0, 1], [1, 0]]
 
 
 def test_compare_inside_a_cluster_reports_no_rotation():
