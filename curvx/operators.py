@@ -212,6 +212,13 @@ class HessianOperator:
         graph_memory: cap in bytes for the kept graph under ``method="auto"``.
         dropout_seed: seed of the fixed dropout masks in ``mode="train"``.
         measure_seconds: see ``method``.
+        autocast: run the model's forward (and so the products) under
+            ``torch.autocast`` with this dtype (``torch.bfloat16`` or
+            ``torch.float16``): mixed precision on purpose. Products come back in
+            the parameters' dtype; the solver's basis, projected matrix and Ritz
+            values stay float64, and the residual certificates are measured
+            against the products as computed (:attr:`precision` says which part
+            used what). None: the parameters' dtype throughout.
 
     Note:
         The kept graph is rebuilt whenever a parameter changes (tracked through
@@ -231,6 +238,7 @@ class HessianOperator:
         graph_memory: int = DEFAULT_GRAPH_MEMORY,
         dropout_seed: int = 0,
         measure_seconds: float = 0.05,
+        autocast: torch.dtype | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {_describe(model)}")
@@ -247,6 +255,12 @@ class HessianOperator:
         self.num_examples = sum(n_c for _, _, n_c in self.chunks)
         self._check_data_devices()
         self.mode = mode
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                "autocast must be None, torch.bfloat16 or torch.float16; got "
+                f"{autocast!r}"
+            )
+        self.autocast = autocast
         self.requested_method = method
         self.method = None if method == "auto" else method
         self.graph_memory = graph_memory
@@ -422,8 +436,15 @@ class HessianOperator:
     def _chunk_loss(self, params: dict[str, Tensor], c: int) -> Tensor:
         inputs, target, _ = self.chunks[c]
         self._seed_chunk(c)
-        out = functional_call(self.model, (params, self._buffers()), inputs)
-        loss = self.loss_fn(out, target)
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast or torch.bfloat16,
+            enabled=self.autocast is not None,
+        ):
+            out = functional_call(self.model, (params, self._buffers()), inputs)
+            loss = self.loss_fn(out, target)
+        if self.autocast is not None and isinstance(loss, Tensor):
+            loss = loss.to(self.dtype)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError(
                 "loss_fn must return a scalar (0-dim) tensor, the mean loss over the "
@@ -918,6 +939,30 @@ class HessianOperator:
             "num_examples": self.num_examples,
             "num_chunks": len(self.chunks),
             "num_parameters": self.n,
+            "precision": self.precision,
+        }
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the products are computed in (autocast's, else the
+        parameters')."""
+        return self.autocast or self.dtype
+
+    @property
+    def precision(self) -> dict[str, str]:
+        """Which precision each part of a solve uses."""
+        hvp = (
+            f"autocast {str(self.autocast).removeprefix('torch.')} over "
+            f"{str(self.dtype).removeprefix('torch.')} parameters"
+            if self.autocast is not None
+            else str(self.dtype).removeprefix("torch.")
+        )
+        return {
+            "hvp": hvp,
+            "basis": "float64",
+            "projected_matrix": "float64",
+            "ritz_values": "float64",
+            "residuals": "float64 from the products as computed",
         }
 
 

@@ -32,12 +32,15 @@ def eigsh(
     v0: Tensor | None = None,
     seed: int = 0,
     callback: Callable | None = None,
+    autocast: torch.dtype | None = None,
 ) -> EigResult:
     """Certified extreme eigenpairs of the Hessian of the mean loss over ``data``.
 
     Block Lanczos with full reorthogonalization in float64, restarted until every
-    wanted pair's residual ``||H u - theta u||`` is at most ``tol * ||H||_est``, or
-    the HVP budget runs out (then ``converged`` says which pairs made it).
+    wanted pair's error bound (the residual ``||H u - theta u||``, or the
+    Kato-Temple bound ``residual**2 / gap`` when that is smaller) is at most
+    ``tol * ||H||_est``, or the HVP budget runs out (then ``converged`` says which
+    pairs made it).
 
     Args:
         model, loss_fn, data, chunk_size, method, mode: see
@@ -45,12 +48,14 @@ def eigsh(
         k: wanted pairs.
         which: ``"LA"`` (largest algebraic, descending: the sharpness first),
             ``"SA"`` (smallest algebraic, ascending) or ``"BE"`` (both ends).
-        tol: relative residual tolerance; default from the parameters' dtype
-            (1e-8 float64, 1e-4 float32, 1e-2 lower).
+        tol: relative accuracy of the eigenvalues; default from the dtype the
+            products are computed in (1e-8 float64, 1e-4 float32, 1e-2 lower).
         block_size, max_basis, max_hvps, v0, callback: see
             :func:`curvx.lanczos.solve`.
         seed: seed of the private generator for random start vectors, and of
             the fixed dropout masks under ``mode="train"``.
+        autocast: products under ``torch.autocast`` with this dtype (mixed
+            precision; the solver stays float64).
 
     Returns:
         :class:`curvx.lanczos.EigResult`; eigenvectors are ``[n, k]`` in the
@@ -64,6 +69,7 @@ def eigsh(
         method=method,
         mode=mode,
         dropout_seed=seed,
+        autocast=autocast,
     )
     k = as_int(k, "k")
     if k > op.n:
@@ -75,7 +81,7 @@ def eigsh(
         op,
         k,
         which,
-        tol=default_tol(op.dtype) if tol is None else tol,
+        tol=default_tol(op.compute_dtype) if tol is None else tol,
         block_size=block_size,
         max_basis=max_basis,
         max_hvps=max_hvps,

@@ -287,6 +287,9 @@ class Tracker:
         cluster_rtol: relative gap under which eigenvalues form one cluster (no
             rotation reported inside it).
         min_iterations: block steps a warm solve makes before it may stop.
+        autocast: products under ``torch.autocast`` with this dtype (mixed
+            precision; see :class:`~curvx.operators.HessianOperator`); the
+            default ``tol`` follows it (1e-2 for bfloat16/float16).
         refine: a warm solve that needed more than ``min_iterations`` blocks
             goes on until its bounds are below ``refine * tol`` (budget
             permitting), so the next steps start well inside the tolerance.
@@ -332,6 +335,7 @@ class Tracker:
         kato_temple: bool = True,
         cluster_rtol: float = 1e-3,
         min_iterations: int = 1,
+        autocast: torch.dtype | None = None,
         refine: float = 0.05,
         extrapolate_max_angle: float = 0.3,
     ) -> None:
@@ -356,6 +360,7 @@ class Tracker:
             method=method,
             mode=mode,
             dropout_seed=seed,
+            autocast=autocast,
         )
         self.model = model
         self.k = k
@@ -417,7 +422,9 @@ class Tracker:
     @property
     def tol(self) -> float:
         """Relative eigenvalue accuracy (default from the parameters' dtype)."""
-        return default_tol(self.operator.dtype) if self._tol is None else self._tol
+        if self._tol is not None:
+            return self._tol
+        return default_tol(self.operator.compute_dtype)
 
     @property
     def block_size(self) -> int:

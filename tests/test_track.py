@@ -591,3 +591,22 @@ def test_pinned_reference_is_used_and_reported():
         opt.step()
         assert rec.reference_step == (0 if t <= 1 else 1)
     assert 0.0 <= rec.reference_similarity <= 1.0 + 1e-12
+
+
+def test_bf16_autocast_products_with_a_float64_solver():
+    model = mlp([8, 32, 4], seed=1, dtype=torch.float32)
+    X, y = data(200, 8, 4, seed=2, dtype=torch.float32)
+    H = dense_hessian(mlp([8, 32, 4], seed=1), mse_sum, X.double(), y.double())
+    ev = torch.linalg.eigvalsh(H).flip(0)
+    tracker = curvx.track(model, mse_sum, (X, y), k=2, autocast=torch.bfloat16)
+    assert tracker.tol == 1e-2  # the products' precision sets the default
+    assert tracker.policy["precision"]["hvp"].startswith("autocast bfloat16")
+    assert tracker.policy["precision"]["basis"] == "float64"
+    for _ in range(3):
+        rec = tracker.step()
+        assert all(rec.converged)
+        # certified for the products as computed; bf16 rounding adds ~1e-2 |H|
+        for v, b, w in zip(rec.eigenvalues, rec.bounds, ev.tolist()):
+            assert abs(v - w) <= b + 1e-2 * float(ev[0])
+    with pytest.raises(ValueError, match="autocast must be None"):
+        curvx.track(model, mse_sum, (X, y), autocast=torch.float64)
