@@ -254,3 +254,36 @@ def test_cuda_unavailable_is_a_clear_error(tmp_path, capsys):
     argv += ["--out", str(tmp_path / "g")]
     assert main(argv) == 2
     assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_fused_and_unfused_runs_train_the_same(tmp_path):
+    """The fused step's gradient is the plain one: same trajectory either way."""
+    base = ["train", *SMALL, *"--steps 6 --eval-every 3 --quiet --no-plots".split()]
+    fused, unfused = tmp_path / "fused", tmp_path / "unfused"
+    assert main([*base, "--out", str(fused)]) == 0
+    assert main([*base, "--unfused", "--out", str(unfused)]) == 0
+    a = read_lines(fused / "metrics.jsonl")
+    b = read_lines(unfused / "metrics.jsonl")
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+        assert ra["sharpness"] == pytest.approx(rb["sharpness"], rel=1e-3)
+        # fused: training accuracy on evaluation steps only
+        assert (ra["train_acc"] is None) == (ra["step"] % 3 != 0 and ra["step"] != 6)
+        assert rb["train_acc"] is not None
+    config = json.loads((fused / "config.json").read_text())
+    assert config["tracking"]["fused"] is True
+    assert config["tracking"]["policy"]["precision"]["basis"] == "float64"
+
+
+def test_adam_run_tracks_the_preconditioned_sharpness(tmp_path):
+    out = tmp_path / "adam"
+    args = ["train", *SMALL, "--optimizer", "adam", "--lr", "0.01"]
+    code = main([*args, *"--steps 4 --quiet --no-plots --out".split(), str(out)])
+    assert code == 0
+    records = read_lines(out / "metrics.jsonl")
+    assert records[0]["track_preconditioned"] is False  # no Adam state yet
+    assert all(r["track_preconditioned"] for r in records[1:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold"] == pytest.approx(38 / 0.01)
+    assert summary["final_sharpness_over_threshold"] is not None

@@ -220,8 +220,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument(
         "--tol",
         type=_positive_float,
-        default=None,
-        help="relative eigenvalue accuracy of the tracker (default: the tracker's)",
+        default=1e-3,
+        help="relative eigenvalue accuracy of the tracker (default 1e-3)",
     )
     g.add_argument(
         "--unfused",

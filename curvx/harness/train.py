@@ -121,7 +121,9 @@ class TrainConfig:
         eval_every: Evaluate on the test subset every this many steps; 0: only at
             the end.
         chunk_size: Examples per chunk for loss, gradient and HVPs; ``None``: all.
-        tol: Tracker eigenvalue accuracy (relative); ``None``: the tracker's default.
+        tol: Tracker eigenvalue accuracy (relative to the sharpness scale; default
+            1e-3, the accuracy EoS plots need); ``None``: the tracker's default
+            for the model's dtype.
         fused: On tracked steps, let the tracker compute the training gradient
             (``tracker.step(backward=True)``: one forward and backward serve the
             update and the Hessian products). Then ``train_acc`` is computed on
@@ -158,7 +160,7 @@ class TrainConfig:
     track_every: int = 1
     eval_every: int = 10
     chunk_size: int | None = None
-    tol: float | None = None
+    tol: float | None = 1e-3
     fused: bool = True
     track_method: str = "auto"
     seed: int = 0
