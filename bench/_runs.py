@@ -26,6 +26,7 @@ from curvx.harness.losses import mse_loss
 from _protocol import (
     TARGET_RTOL,
     Answer,
+    PlainStep,
     Problem,
     Settings,
     flat_params,
@@ -45,17 +46,20 @@ def replay_window(
 ) -> dict[str, Any]:
     """Replay ``steps`` (consecutive snapshots) through ``tool``; row figures.
 
-    The tool's setup is not timed. The replay stops early once the tool's solves
+    Before each solve a plain GD step from the same snapshot is timed on a copy
+    of the model; their median is the row's plain GD step. The tool's setup is
+    not timed. The replay stops early once the tool's solves
     have taken ``budget_s`` seconds in all (``steps`` then shows ``done/asked``).
     """
     tool.setup(problem)
-    plain = problem.plain_step_median
+    plain_steps = PlainStep(problem)
     per: list[dict[str, Any]] = []
     spent = 0.0
     extra_keys: dict[str, list] = {}
     try:
         for t in steps:
             problem.load(t)
+            plain_steps.time(problem.snapshots[t])
             ans = tool.solve(k)
             ref = problem.reference(k, step=t)
             s = score(ans, ref["values"], k)
@@ -71,6 +75,7 @@ def replay_window(
         tool.close()
     errs = [p["max_rel_err"] for p in per]
     hv = summarize([p["hvps"] for p in per])
+    plain = plain_steps.median
     row: dict[str, Any] = {
         "steps": f"{len(per)}/{len(steps)}",
         "first_step": steps[0],
@@ -85,6 +90,7 @@ def replay_window(
         "claims": "yes" if tool.claims else "none",
         "plain_step_s": plain,
         "hvp_counting": HVP_COUNTING[tool.counting],
+        "hvps_by_step": {str(p["step"]): p["hvps"] for p in per},
     }
     for key, vals in extra_keys.items():
         row[f"{key}_median"] = statistics.median(vals)
@@ -98,7 +104,9 @@ def curvx_run(
 
     Timed per step: fused, ``zero_grad; tracker.step(step=t, lr=lr,
     backward=True); opt.step()``; unfused, ``zero_grad; loss.backward();
-    tracker.step(step=t, lr=lr); opt.step()``. Parameters at the sample steps are
+    tracker.step(step=t, lr=lr); opt.step()``. Before each, a plain GD step from
+    the same parameters is timed on a copy of the model; the ratio divides by the
+    median of those. Parameters at the sample steps are
     copied outside the timed region and scored afterwards against the reference
     (reused when they equal the plain run's snapshot bit for bit). Stops early
     once ``budget_s`` seconds have passed (``steps`` then shows ``done/asked``).
@@ -109,6 +117,7 @@ def curvx_run(
     X, Y, lr = problem.X, problem.Y, problem.lr
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     tracker = curvx.track(model, mse_loss, (X, Y), k=k, tol=TARGET_RTOL)
+    plain_steps = PlainStep(problem)
     samples = set(settings.samples())
     kept: dict[int, tuple[torch.Tensor, list[float], list[bool]]] = {}
     step_s: list[float] = []
@@ -117,7 +126,8 @@ def curvx_run(
     statuses: dict[str, int] = {}
     t_start = time.perf_counter()
     for t in range(settings.run_steps):
-        theta = flat_params(model) if t in samples else None
+        theta = flat_params(model)
+        plain_steps.time(theta)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         if fused:
@@ -130,11 +140,11 @@ def curvx_run(
         hvps.append(rec.hvps)
         unconverged += sum(not c for c in rec.converged)
         statuses[rec.status] = statuses.get(rec.status, 0) + 1
-        if theta is not None:
+        if t in samples:
             kept[t] = (theta, list(rec.eigenvalues), list(rec.converged))
         if time.perf_counter() - t_start > budget_s:
             break
-    plain = problem.plain_step_median
+    plain = plain_steps.median
     errs, wrong, same = [], 0, 0
     for t, (theta, values, claimed) in sorted(kept.items()):
         same += int(t in problem.snapshots and torch.equal(theta, problem.snapshots[t]))

@@ -110,7 +110,7 @@ def group_section(name: str, benches: list[dict]) -> list[str]:
                     str(info.get("tool", b.get("name")))
                 )
         for text, tools in seen.items():
-            notes.append(f"- {key} ({', '.join(dict.fromkeys(tools))}): {text}")
+            notes.append(f"- {key} ({'; '.join(dict.fromkeys(tools))}): {text}")
     if notes:
         out += ["", *notes]
     return out + [""]
