@@ -172,6 +172,13 @@ def environment_section(data: dict) -> list[str]:
     for name in ("pyhessian", "hessian-eigenthings", "curvlinops-for-pytorch"):
         if name in versions or name in ((install or {}).get("packages") or {}):
             rows.append((name, _peer_line(name, versions.get(name, "?"), install)))
+    failed = [
+        f"{name}: {entry.get('error') or 'see the install log'}"
+        for name, entry in ((install or {}).get("packages") or {}).items()
+        if not entry.get("ok")
+    ]
+    if install is not None:
+        rows.append(("install failures (run.sh)", failed or "none"))
     cx = env.get("curvx") or {}
     if cx:
         rows.append(("curvx", cx.get("curvx", cx.get("error"))))

@@ -29,7 +29,7 @@ while IFS= read -r line; do
         printf '%s\tfailed\t%s\n' "$req" "$why" >>"$TSV"
         echo "bench: could not install $req: $why" >&2
     fi
-done <bench/requirements.txt
+done <"${BENCH_REQUIREMENTS:-bench/requirements.txt}"
 "$PY" - "$TSV" "$BENCH_INSTALL_LOG" <<'PYEOF'
 import json, re, sys
 from importlib import metadata

@@ -187,6 +187,9 @@ def test_environment_header(tmp_path):
     assert env["hessian-eigenthings"] == (
         "install failed: ERROR: No matching distribution found"
     )
+    assert env["install failures (run.sh)"] == (
+        "hessian-eigenthings: ERROR: No matching distribution found"
+    )
     assert env["curvx extension (python -m curvx.info)"] == "compiled extension (CPU)"
     assert env["threads"] == "torch 2 threads; OMP_NUM_THREADS=2"
     assert env["commit"] == "0123456789ab (uncommitted changes)"
