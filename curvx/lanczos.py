@@ -287,6 +287,7 @@ def _certify(
     res: Tensor,
     n_top: int,
     hints: tuple[float | None, float | None],
+    theta_res: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Error bounds of the wanted Ritz values: residual or Kato-Temple.
 
@@ -295,7 +296,9 @@ def _certify(
     (Kato 1949, Temple 1952), far below ``r`` once ``r << gap``. The gap of a
     wanted value is its distance to the other wanted values (less their
     residuals) and to the unwanted side: the nearest unwanted Ritz value of this
-    basis or the caller's hint (an estimate of the next eigenvalue beyond the
+    basis, moved toward the wanted ones by its residual estimate (an unwanted Ritz
+    value of a small basis lies below the eigenvalue it approximates), or the
+    caller's hint (an estimate of the next eigenvalue beyond the
     wanted ones, e.g. a tracker's last measurement), whichever is closer. That
     the unwanted side holds no eigenvalue closer than that is the assumption
     every Krylov solver makes about which eigenvalues it has found; the residual
@@ -307,6 +310,7 @@ def _certify(
         res: ``[w]`` residual norms of the wanted pairs.
         hints: estimates of the largest unwanted eigenvalue below the top end and
             the smallest above the bottom end (None: unknown).
+        theta_res: ``[c]`` residual estimates of all Ritz values (None: zeros).
 
     Returns:
         ``bounds [w]``, ``gaps [w]`` (0 where unknown) and ``kato [w]`` (bool:
@@ -325,12 +329,17 @@ def _certify(
     unwanted = torch.ones(theta.numel(), dtype=torch.bool, device=theta.device)
     unwanted[wanted] = False
     rest = theta[unwanted]
+    if theta_res is not None and rest.numel():
+        rest_res = theta_res[unwanted]
+        rest_hi, rest_lo = rest + rest_res, rest - rest_res
+    else:
+        rest_hi = rest_lo = rest
     for end, sl in ((0, slice(0, n_top)), (1, slice(n_top, w))):
         if sl.start == sl.stop:
             continue
         edge = []
         if rest.numel():
-            edge.append(float(rest.max() if end == 0 else rest.min()))
+            edge.append(float(rest_hi.max() if end == 0 else rest_lo.min()))
         if hints[end] is not None and math.isfinite(hints[end]):
             edge.append(float(hints[end]))
         if not edge:
@@ -646,9 +655,12 @@ def solve(
         if refine is not None and iterations > min_iterations:
             thresh *= refine
         hints = gap_hints if kato_temple else (None, None)
-        res = torch.linalg.vector_norm(W @ Y[-b:, wanted], dim=0)
+        theta_res = torch.linalg.vector_norm(W @ Y[-b:], dim=0)
+        res = theta_res[wanted]
         bound = (
-            _certify(theta, wanted, res, top.numel(), hints)[0] if kato_temple else res
+            _certify(theta, wanted, res, top.numel(), hints, theta_res)[0]
+            if kato_temple
+            else res
         )
         conv = bound <= thresh
         done = False
@@ -657,7 +669,7 @@ def solve(
             HU = HQ[:, :cols] @ Y[:, wanted]
             res = torch.linalg.vector_norm(HU - U * theta[wanted], dim=0)
             bound = (
-                _certify(theta, wanted, res, top.numel(), hints)[0]
+                _certify(theta, wanted, res, top.numel(), hints, theta_res)[0]
                 if kato_temple
                 else res
             )
@@ -758,6 +770,7 @@ def solve(
         status=status,
         HU_all=HU_sel,
         hints=gap_hints if kato_temple else None,
+        theta_res=theta_res.index_copy(0, idx, res_sel),
     )
 
 
@@ -780,6 +793,7 @@ def _finish(
     status,
     HU_all,
     hints,
+    theta_res=None,
 ) -> tuple[EigResult, EigResult | None]:
     """Package the top and bottom ends as results, with their bounds.
 
@@ -793,7 +807,9 @@ def _finish(
         bounds_w, gaps_w = res_w, torch.zeros_like(res_w)
         kato_w = torch.zeros_like(res_w, dtype=torch.bool)
     else:
-        bounds_w, gaps_w, kato_w = _certify(theta, wanted, res_w, k_top, hints)
+        bounds_w, gaps_w, kato_w = _certify(
+            theta, wanted, res_w, k_top, hints, theta_res
+        )
 
     def make(idx: Tensor, k: int, which: str, ext_top: int, sl: slice) -> EigResult:
         want = idx[:k]

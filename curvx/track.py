@@ -325,7 +325,7 @@ class Tracker:
         method: str = "auto",
         mode: str = "eval",
         guard: int = 1,
-        guard_every: int = 10,
+        guard_every: int = 5,
         max_hvps: int | None = None,
         cold_every: int = 50,
         certify_every: int = 1,
@@ -454,8 +454,12 @@ class Tracker:
         self._prev_bottom: EigResult | None = None
         self._start: Tensor | None = None
         self._start_bottom: Tensor | None = None
-        self._hint: tuple[float, float, int] | None = None  # value, theta_k, when
-        self._hint_bottom: tuple[float, float, int] | None = None
+        # gap hints: (value, theta_k then, evaluation, rate per evaluation)
+        self._hint: tuple[float, float, int, float] | None = None
+        self._hint_bottom: tuple[float, float, int, float] | None = None
+        self._nb_top: Tensor | None = None
+        self._nb_bottom: Tensor | None = None
+        self._last_refresh = -1
         self._k_taken = self.k
         self._anchors_top: list[tuple[int, Tensor]] = []
         self._anchors_bottom: list[tuple[int, Tensor]] = []
@@ -542,10 +546,7 @@ class Tracker:
     def _guard_columns(self, n_guard: int, have: Tensor) -> Tensor:
         """Guard columns: the previous neighbours beyond k, the last step's
         direction outside the tracked subspace, then random ones."""
-        parts = []
-        p = self._prev
-        if p is not None and p.top_count > self._k_taken:
-            parts.append(p.ritz_vectors[:, self._k_taken : p.top_count])
+        parts = [nb for nb in (self._nb_top, self._nb_bottom) if nb is not None]
         if self._last_step_dir is not None:
             parts.append(self._last_step_dir[:, None])
         parts.append(
@@ -563,41 +564,67 @@ class Tracker:
         if self.k_bottom and self._start_bottom is not None:
             cols.append(self._start_bottom)
         V = torch.cat(cols, dim=1)
-        n_guard = self.guard if refresh else 0
+        n_guard = self.guard * (1 + (self.k_bottom > 0)) if refresh else 0
         n_guard = min(n_guard, self.operator.n - V.shape[1])
         if n_guard > 0:
             V = torch.cat([V, self._guard_columns(n_guard, V)], dim=1)
         return V, n_guard
 
     def _hints(self, theta_k: float | None) -> tuple[float | None, float | None]:
-        """Gap hints for the solver: the estimates of ``lambda_{k+1}`` (and of the
-        next one above the bottom end), widened by how far ``theta_k`` has moved
-        since they were measured."""
+        """Gap hints for the solver: the last measurements of ``lambda_{k+1}`` (and
+        of the next value above the bottom end), moved along their trend toward
+        the tracked values since they were measured and widened by how far
+        ``theta_k`` has moved."""
+        now = self.certified_evaluations
         out: list[float | None] = []
-        for hint in (self._hint, self._hint_bottom):
+        for hint, sign in ((self._hint, 1.0), (self._hint_bottom, -1.0)):
             if hint is None or theta_k is None:
                 out.append(None)
                 continue
-            value, at_theta, _ = hint
-            drift = abs(theta_k - at_theta)
-            out.append(value + drift if hint is self._hint else value - drift)
+            value, at_theta, when, rate = hint
+            drift = abs(theta_k - at_theta) if sign > 0 else 0.0
+            trend = max(sign * rate, 0.0) * (now - when)
+            out.append(value + sign * (trend + drift))
         return out[0], out[1]
 
     def _update_hints(self, top: EigResult, bottom: EigResult | None) -> None:
-        """Measure the gap beyond the tracked values where this solve saw it: the
-        first neighbour beyond the tracked set with an acceptable residual."""
-        k0, when = self._k_taken, self.certified_evaluations
-        if top.top_count > k0:
+        """Measure the gap beyond the tracked values where this solve saw it (the
+        first neighbour beyond the tracked set with an acceptable residual), keep
+        the trend of those measurements, and keep the neighbour vectors as the
+        next refresh's guard columns."""
+        when = self.certified_evaluations
+        k0 = self._k_taken
+        # (in a small basis one end's neighbours can be the other end's tracked
+        # vectors: those are no neighbours)
+        floor = float(bottom.eigenvalues[-1]) if bottom is not None else -math.inf
+        ceil = float(top.eigenvalues[-1])
+        if top.top_count > k0 and float(top.ritz_values[k0]) > floor:
             theta, r = float(top.ritz_values[k0]), float(top.ritz_residuals[k0])
             at = float(top.ritz_values[k0 - 1])
-            if r <= 0.5 * (at - theta):
-                self._hint = (theta + r, at, when)
-        if bottom is not None and bottom.ritz_values.numel() > self.k_bottom:
-            kb = self.k_bottom
+            if r <= at - theta:
+                self._hint = self._measured(self._hint, theta + r, at, when)
+            self._nb_top = top.ritz_vectors[:, k0 : k0 + self.guard]
+        kb = self.k_bottom
+        if (
+            bottom is not None
+            and bottom.ritz_values.numel() > kb
+            and float(bottom.ritz_values[kb]) < ceil
+        ):
             theta, r = float(bottom.ritz_values[kb]), float(bottom.ritz_residuals[kb])
             at = float(bottom.ritz_values[kb - 1])
-            if r <= 0.5 * (theta - at):
-                self._hint_bottom = (theta - r, at, when)
+            if r <= theta - at:
+                self._hint_bottom = self._measured(
+                    self._hint_bottom, theta - r, at, when
+                )
+            self._nb_bottom = bottom.ritz_vectors[:, kb : kb + self.guard]
+
+    @staticmethod
+    def _measured(old, value: float, at: float, when: int):
+        """A new gap measurement, with the rate of change since the last one."""
+        rate = 0.0
+        if old is not None and when > old[2]:
+            rate = (value - old[0]) / (when - old[2])
+        return (value, at, when, rate)
 
     # ---------------------------------------------------------- gradients
 
@@ -832,6 +859,8 @@ class Tracker:
 
         # 6. State for the next step: the advanced start block and the gap hints
         self._prev, self._prev_bottom, self._prev_step = top, bottom, step
+        if rec.guard_refresh:
+            self._last_refresh = self.certified_evaluations
         self._update_hints(top, bottom)
         self.certified_evaluations += 1
         fine = self.refine * self.tol * top.norm_estimate
@@ -880,9 +909,11 @@ class Tracker:
             self.cold_every and self.certified_evaluations % self.cold_every == 0
         )
         if not cold:
-            since = self.certified_evaluations - (self._hint[2] if self._hint else -1)
-            refresh = self._hint is None or (
-                self.guard_every and since >= self.guard_every
+            since = self.certified_evaluations - self._last_refresh
+            refresh = (
+                self._hint is None
+                or (self.k_bottom > 0 and self._hint_bottom is None)
+                or (self.guard_every and since >= self.guard_every)
             )
             # Cold solves and refreshes measure the gap; counted in evaluations
             theta_k = float(self._prev.ritz_values[self._k_taken - 1])
@@ -902,7 +933,7 @@ class Tracker:
                     self._k_taken,
                     self.k_bottom,
                     block_size=b,
-                    min_iterations=self.min_iterations,
+                    min_iterations=self.min_iterations + 2 * (n_guard > 0),
                     max_hvps=budget,
                     v0=V0,
                     gap_hints=hints,
@@ -923,10 +954,17 @@ class Tracker:
                 # The k-th value fell to where the next one was last seen: the
                 # two may have crossed, so look below with the guard columns
                 fell = hints[0] is not None and float(top.eigenvalues[-1]) <= hints[0]
+                fell = fell or (
+                    bottom is not None
+                    and hints[1] is not None
+                    and float(bottom.eigenvalues[-1]) >= hints[1]
+                )
                 if refresh or not fell or attempt:
                     return self._trim(top), bottom
                 refresh = True
                 self._start = top.ritz_vectors[:, : self._k_taken]
+                if bottom is not None:
+                    self._start_bottom = bottom.eigenvectors
                 rec.message = "the k-th value fell to the next one's last value: guards"
             rec.fallback = "lost-subspace" if lost else "budget"
             rec.message = (
