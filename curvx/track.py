@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from curvx import rotation
-from curvx._validate import as_int
+from curvx._validate import as_bool, as_float, as_int
 from curvx.lanczos import EigResult, default_tol, solve, solves_densely
 from curvx.operators import HessianOperator, NonFiniteError, ParametersChangedError
 
@@ -341,17 +341,22 @@ class Tracker:
     ) -> None:
         k = as_int(k, "k")
         k_bottom = as_int(k_bottom, "k_bottom", 0)
-        if lambda_min:
+        if as_bool(lambda_min, "lambda_min"):
             k_bottom = max(k_bottom, 1)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 "optimizer must be a torch.optim.Optimizer; got "
                 f"{type(optimizer).__name__}"
             )
-        if tol is not None and not (float(tol) > 0 and math.isfinite(float(tol))):
-            raise ValueError(f"tol must be a positive number; got {tol!r}")
-        if not 0.0 <= float(lost_overlap) <= 1.0:
-            raise ValueError(f"lost_overlap must be in [0, 1]; got {lost_overlap!r}")
+        if tol is not None:
+            tol = as_float(tol, "tol", low=0.0, high=1.0, low_open=True, high_open=True)
+        lost_overlap = as_float(lost_overlap, "lost_overlap", low=0.0, high=1.0)
+        refine = as_float(refine, "refine", low=0.0, high=1.0, low_open=True)
+        cluster_rtol = as_float(cluster_rtol, "cluster_rtol", low=0.0)
+        extrapolate_max_angle = as_float(
+            extrapolate_max_angle, "extrapolate_max_angle", low=0.0
+        )
+        seed = as_int(seed, "seed", 0)
         self.operator = HessianOperator(
             model,
             loss_fn,
@@ -376,8 +381,8 @@ class Tracker:
         self.refine = float(refine)
         self.extrapolate_max_angle = float(extrapolate_max_angle)
         self.optimizer = optimizer
-        self.precondition = bool(precondition)
-        self.kato_temple = bool(kato_temple)
+        self.precondition = as_bool(precondition, "precondition")
+        self.kato_temple = as_bool(kato_temple, "kato_temple")
         self.cluster_rtol = cluster_rtol
         self.seed = seed
         self._check_size()
@@ -722,6 +727,9 @@ class Tracker:
 
         Never raises for a non-finite loss: the record says so.
         """
+        backward = as_bool(backward, "backward")
+        if backward:
+            self._check_fused_mode()
         if lr is not None:
             try:
                 ok = math.isfinite(float(lr)) and float(lr) > 0
@@ -883,6 +891,34 @@ class Tracker:
             else:
                 self._start_bottom = self._predict(anchors, U)
         return self._close(rec, t0, hv0)
+
+    def _check_fused_mode(self) -> None:
+        """``backward=True`` gives the gradient of the tracker's own forward: in
+        ``mode="eval"`` that differs from a train-mode ``loss.backward()`` when
+        the model has layers that behave differently in training."""
+        if self.operator.mode != "eval":
+            return
+        mode_dependent = (
+            nn.modules.batchnorm._BatchNorm,
+            nn.modules.dropout._DropoutNd,
+        )
+        odd = sorted(
+            {
+                type(m).__name__
+                for m in self.model.modules()
+                if m.training and isinstance(m, mode_dependent)
+            }
+        )
+        if odd:
+            raise ValueError(
+                "backward=True computes the gradient from the tracker's own forward, "
+                "which runs in mode='eval' (running statistics, no dropout), but the "
+                f"model is in training mode with {', '.join(odd)}: the gradient would "
+                "not be the one loss.backward() gives. Build the tracker with "
+                "mode='train' (per-chunk batch statistics, fixed dropout masks; "
+                "running statistics are not updated), or run your own backward and "
+                "call tracker.step() without backward=True"
+            )
 
     def _step_direction(self, point: Tensor) -> Tensor | None:
         """The last step's direction outside the tracked subspace (a guard)."""

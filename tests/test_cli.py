@@ -287,3 +287,39 @@ def test_adam_run_tracks_the_preconditioned_sharpness(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["threshold"] == pytest.approx(38 / 0.01)
     assert summary["final_sharpness_over_threshold"] is not None
+
+
+def test_untracked_rows_carry_every_key(tmp_path):
+    out = tmp_path / "every3"
+    args = ["train", *SMALL, *"--steps 4 --track-every 3 --quiet --no-plots".split()]
+    assert main([*args, "--out", str(out)]) == 0
+    rows = read_lines(out / "metrics.jsonl")
+    keys = set(rows[0])
+    assert all(set(r) == keys for r in rows)
+    assert rows[1]["sharpness"] is None and rows[1]["track_crossings"] is None
+    assert rows[3]["sharpness"] is not None
+
+
+def test_fused_step_refuses_train_mode_batchnorm_under_eval_policy():
+    import torch
+
+    import curvx
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)
+    )
+    X, y = torch.randn(32, 4), torch.randn(32, 2)
+    tracker = curvx.track(model, torch.nn.functional.mse_loss, (X, y), k=1)
+    with pytest.raises(ValueError, match="mode='eval'.*BatchNorm1d"):
+        tracker.step(backward=True)
+    model.eval()
+    assert tracker.step(backward=True).status == "ok"
+    model.train()
+    ok = curvx.track(model, torch.nn.functional.mse_loss, (X, y), k=1, mode="train")
+    model.zero_grad()
+    ok.step(backward=True)
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.nn.functional.mse_loss(model(X), y).backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)

@@ -617,6 +617,11 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
     _prepare_out_dir(out, cfg.overwrite)
     _metrics.write_json(out / "config.json", config)
 
+    # Every row has every key (null when not computed), the tracker's too
+    record_keys = list(_metrics.RECORD_KEYS)
+    if tracker is not None:
+        blank = {f.name: None for f in dataclasses.fields(curvx.TrackRecord)}
+        record_keys += [k for k in _track_fields(blank) if k not in record_keys]
     records: list[dict] = []
     status = "error"
     extra: dict = {}
@@ -637,7 +642,7 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
         loop0 = time.perf_counter()
         for t in pbar:
             final = t == cfg.steps
-            record = dict.fromkeys(_metrics.RECORD_KEYS)
+            record = dict.fromkeys(record_keys)
             record.update(step=t, lr=cfg.lr, status="ok")
 
             tracked = tracker is not None and (t % cfg.track_every == 0 or final)
