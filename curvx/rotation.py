@@ -259,11 +259,20 @@ def compare(
     raw = top1_cosine(
         prev_values, prev_vectors, values, vectors, rtol, prev_residuals, residuals
     )
+    similarity = math.cos(math.sqrt(float((angles**2).mean())))
+    largest = float(angles.max())
+    old_groups = clusters(prev_values[:k0], rtol, _head(prev_residuals, k0))
+    if len(old_groups) == 1 and len(new_groups) == 1:
+        # The top-k lies inside one cluster at both steps: the two sets are
+        # parts of one eigenspace, possibly of different parts (a multiplicity
+        # larger than what was captured), so they are compared as one direction
+        # each, like the top-1 cosine of a cluster
+        similarity, largest = math.cos(float(angles[0])), float(angles[0])
     return {
         "rotation_top1": top_pair[2] if top_pair is not None else raw,
         "top1_cosine": raw,
-        "subspace_similarity": math.cos(math.sqrt(float((angles**2).mean()))),
-        "max_principal_angle": float(angles.max()),
+        "subspace_similarity": similarity,
+        "max_principal_angle": largest,
         "matching": [[i, j, c] for i, j, c in pairs],
         "crossings": crossed,
     }
