@@ -622,21 +622,27 @@ class HessianOperator:
         if not live:
             return
         grad_outputs = [blocks[i] for i in live]
-        try:
-            outs = torch.autograd.grad(
-                gs,
-                leaves,
-                grad_outputs=grad_outputs,
-                retain_graph=True,
-                is_grads_batched=True,
-                allow_unused=True,
-            )
-        except RuntimeError as err:
-            text = str(err).lower()
-            if "vmap" not in text and "batch" not in text:
-                raise
-            logger.debug("batched second backward failed (%s); per column", err)
-            k = grad_outputs[0].shape[0]
+        k = grad_outputs[0].shape[0]
+        # On the CPU the vmap-ed backward is slower than column by column, and a
+        # single column needs no vmap
+        # (measured on fc-tanh/FMNIST: 1.12x at k = 8, 1.43x at k = 16)
+        outs = None
+        if gs[0].device.type != "cpu" and k > 1:
+            try:
+                outs = torch.autograd.grad(
+                    gs,
+                    leaves,
+                    grad_outputs=grad_outputs,
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
+            except RuntimeError as err:
+                text = str(err).lower()
+                if "vmap" not in text and "batch" not in text:
+                    raise
+                logger.debug("batched second backward failed (%s); per column", err)
+        if outs is None:
             cols = [
                 torch.autograd.grad(
                     gs,
