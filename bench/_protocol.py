@@ -108,7 +108,7 @@ class Settings:
             steps=_env_int("BENCH_STEPS", 20, 3, q),
             sample_every=_env_int("BENCH_SAMPLE_EVERY", 25, 6, q),
             top5_step=_env_int("BENCH_TOP5_STEP", 140, 10, q),
-            tool_budget_s=_env_float("BENCH_TOOL_BUDGET_S", 60.0, 20.0, q),
+            tool_budget_s=_env_float("BENCH_TOOL_BUDGET_S", 45.0, 20.0, q),
             run_budget_s=_env_float("BENCH_RUN_BUDGET_S", 300.0, 40.0, q),
             block_repeats=_env_int("BENCH_BLOCK_REPEATS", 3, 1, q),
             digits_steps=_env_int("BENCH_DIGITS_STEPS", 20, 3, q),

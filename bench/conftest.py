@@ -21,10 +21,15 @@ Row convention (one benchmark = one table row):
 Environment: the JSON's ``machine_info["bench"]`` gets the facts ``report.py``
 prints in its header (versions, peers' install results from
 ``BENCH_INSTALL_LOG``, curvx's extension status, threads, settings).
+
+Partial results: with ``BENCH_PARTIAL`` set (``run.sh`` does), the environment
+and then every finished row are appended to that file as JSON lines, so a run
+killed before pytest-benchmark writes its JSON still leaves a report.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +54,33 @@ if os.environ.get("BENCH_THREADS"):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["bench"] = environment()
+
+
+def _append_partial(record: dict[str, Any]) -> None:
+    path = os.environ.get("BENCH_PARTIAL")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+
+def pytest_sessionstart(session):
+    """Partial results (``BENCH_PARTIAL``): the environment first."""
+    if os.environ.get("BENCH_PARTIAL"):
+        _append_partial({"machine_info": {"bench": environment()}})
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Partial results: each finished row as one JSON line, so that a run that is
+    killed still leaves a report (``report.py`` reads the lines)."""
+    bench = getattr(item, "funcargs", {}).get("benchmark")
+    stats = getattr(bench, "stats", None)
+    if stats is None or not os.environ.get("BENCH_PARTIAL"):
+        return
+    try:
+        record = stats.as_dict(include_data=False)
+    except Exception as exc:  # noqa: BLE001 - partial results are best effort
+        record = {"name": item.name, "extra_info": {"status": failure_status(exc)}}
+    _append_partial(record)
 
 
 def status_of(exc: BaseException) -> str:

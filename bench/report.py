@@ -3,6 +3,7 @@
 Usage::
 
     python bench/report.py bench/results/<stamp>.json [-o OUT.md]
+    python bench/report.py bench/results/<stamp>.partial.jsonl   # a killed run
 
 Writes (by default next to the JSON, with ``.md``):
 
@@ -215,6 +216,12 @@ def render(data: dict, source: str = "") -> str:
         groups.setdefault(b.get("group") or "(no group)", []).append(b)
     title = "# curvx benchmark report"
     lines = [title, ""]
+    if data.get("partial"):
+        lines += [
+            "**Partial results**: the run stopped before pytest-benchmark wrote "
+            "its JSON; these are the rows that had finished.",
+            "",
+        ]
     if source:
         lines += [f"From `{source}`; protocol and columns: `bench/README.md`.", ""]
     lines += environment_section(data)
@@ -224,12 +231,35 @@ def render(data: dict, source: str = "") -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def load(path: Path) -> dict:
+    """A pytest-benchmark JSON file, or the partial results of an interrupted run
+    (JSON lines: the environment, then one benchmark per line)."""
+    text = path.read_text()
+    if path.suffix != ".jsonl":
+        return json.loads(text)
+    data: dict[str, Any] = {"benchmarks": [], "partial": True}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the interruption
+        if "machine_info" in record:
+            data["machine_info"] = record["machine_info"]
+        else:
+            data["benchmarks"].append(record)
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, help="pytest-benchmark JSON file")
+    parser.add_argument(
+        "json", type=Path, help="pytest-benchmark JSON file (or partial .jsonl)"
+    )
     parser.add_argument("-o", "--output", type=Path, help="Markdown file to write")
     args = parser.parse_args(argv)
-    data = json.loads(args.json.read_text())
+    data = load(args.json)
     out = args.output or args.json.with_suffix(".md")
     out.write_text(render(data, source=str(args.json)))
     print(out)

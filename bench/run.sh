@@ -49,15 +49,20 @@ for line in open(sys.argv[1]):
 json.dump({"packages": packages}, open(sys.argv[2], "w"), indent=1)
 PYEOF
 
-# 2. Every bench/test_*.py (this suite's and anyone else's)
+# 2. Every bench/test_*.py (this suite's and anyone else's); finished rows are also
+#    appended to the partial file as they end
 JSON="$OUT/$STAMP.json"
-"$VENV/bin/pytest" bench -p no:cacheprovider -q -rs \
+export BENCH_PARTIAL="$OUT/$STAMP.partial.jsonl"
+"$VENV/bin/pytest" bench -p no:cacheprovider -q -rs --durations=15 \
     --benchmark-json="$JSON" --benchmark-sort=name "$@"
 STATUS=$?
 
-# 3. The Markdown report
+# 3. The Markdown report (from the partial rows when pytest was stopped early)
 if [ -f "$JSON" ]; then
     "$PY" bench/report.py "$JSON"
+elif [ -f "$BENCH_PARTIAL" ]; then
+    echo "bench: pytest wrote no $JSON (exit $STATUS); reporting the finished rows" >&2
+    "$PY" bench/report.py "$BENCH_PARTIAL" -o "$OUT/$STAMP.md"
 else
     echo "bench: pytest wrote no $JSON (exit $STATUS)" >&2
 fi

@@ -194,3 +194,29 @@ def test_environment_header(tmp_path):
     assert env["threads"] == "torch 2 threads; OMP_NUM_THREADS=2"
     assert env["commit"] == "0123456789ab (uncommitted changes)"
     assert text.index("## Environment") < text.index("## Floors")
+
+
+def test_partial_results_of_an_interrupted_run(tmp_path):
+    data = _data()
+    lines = [json.dumps({"machine_info": data["machine_info"]})]
+    lines += [json.dumps(b) for b in data["benchmarks"][:2]]
+    lines.append('{"group": "1a tracking window", "name": "cut')  # killed mid-line
+    src = tmp_path / "r.partial.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "r.md"
+    proc = subprocess.run(
+        [sys.executable, str(REPORT), str(src), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "**Partial results**" in text
+    rows = _table_after(text, "## 1a tracking window")
+    assert [r[0] for r in rows[2:]] == [
+        "scipy eigsh (cold)",
+        "hessian-eigenthings lanczos",
+    ]
+    env = {r[0]: r[1] for r in _table_after(text, "## Environment")[2:]}
+    assert env["CPU"] == "Test CPU 9000"
