@@ -5,8 +5,8 @@
   against the reference at its step.
 * :func:`curvx_run` (table 1b): a whole GD run with curvx tracking at every step,
   fused (``tracker.step(..., backward=True)`` fills ``.grad``) or unfused (the
-  user's own backward, then ``tracker.step``), timed step by step against the
-  plain GD step of the same process.
+  user's own backward, then ``tracker.step``), timed step by step against plain
+  GD steps timed alongside.
 * :func:`cold_solve` (table 2): one solve from a random start at one snapshot.
 * :func:`block_hvp` (table 3): a block of k vectors against k single products.
 """
@@ -48,8 +48,8 @@ def replay_window(
 
     Before each solve a plain GD step from the same snapshot is timed on a copy
     of the model; their median is the row's plain GD step. The tool's setup is
-    not timed. The replay stops early once the tool's solves
-    have taken ``budget_s`` seconds in all (``steps`` then shows ``done/asked``).
+    not timed. The replay stops early once the tool's solves have taken
+    ``budget_s`` seconds in all (``steps`` then shows ``done/asked``).
     """
     tool.setup(problem)
     plain_steps = PlainStep(problem)

@@ -53,8 +53,8 @@ def _window_row(problem, tool, steps, settings, shared, key):
     if tuned:
         shared[key] = by_step
     if is_curvx:
-        floors = [["wrong converged flags", row["wrong_converged"], 0, None]]
-        floors[0][3] = row["wrong_converged"] == 0
+        wrong = row["wrong_converged"]
+        floors = [["wrong converged flags", wrong, 0, wrong == 0]]
         base = shared.get(key) or {}
         common = [t for t in by_step if t in base]
         if key.startswith("fmnist"):
