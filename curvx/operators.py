@@ -557,7 +557,16 @@ class HessianOperator:
         graph = []
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         grad = torch.zeros(self.n, dtype=self.dtype, device=self.device)
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        # The saved-tensor hook that measures the graph returns each tensor as is,
+        # which makes an output saved by its own node a reference cycle that
+        # autograd cannot free: measure once, on the first build (that one graph
+        # stays in memory), and build without hooks afterwards
+        measure = self.graph_bytes is None
+        hooks = (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+            if measure
+            else contextlib.nullcontext()
+        )
         with self._guard(), torch.enable_grad(), hooks:
             for c in range(len(self.chunks)):
                 loss, g, live = self._first_backward(pd, leaves, c)
@@ -572,7 +581,8 @@ class HessianOperator:
                         f"kept graph needs more than graph_memory={self.graph_memory} "
                         "bytes"
                     )
-        self.graph_bytes = sum(seen.values())
+        if measure:
+            self.graph_bytes = sum(seen.values())
         self._graph, self._leaves, self._graph_key = graph, leaves, key
         self._graph_loss, self._graph_grad = total, grad
 
