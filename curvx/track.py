@@ -1017,7 +1017,6 @@ class Tracker:
             **kw,
         )
         rec.guard_refresh = True
-        self._k_taken = self._extent(top)
         return self._trim(top), bottom
 
     def _extent(self, top: EigResult) -> int:
@@ -1056,8 +1055,6 @@ class Tracker:
             top_count=top.top_count,
             gaps=top.gaps[:k],
         )
-        if not bool(top.converged.all()):
-            out.status = top.status
         self._k_taken = self._extent(top)
         return out
 
