@@ -246,14 +246,24 @@ def _next_block(
 def _start_block(
     v0: Tensor | None, n: int, b: int, generator, device: torch.device
 ) -> Tensor:
-    """Orthonormal ``[n, b]`` start: the columns of ``v0`` then random ones."""
+    """Orthonormal ``[n, b]`` start: the columns of ``v0`` then random ones.
+
+    A ``v0`` of ``b`` columns that is already orthonormal to ``1e-12`` (a
+    tracker's prediction) is used as it is: one Gram matrix checks it.
+    """
     parts = []
     if v0 is not None:
         parts.append(v0.to(device=device, dtype=_F64))
     have = sum(p.shape[1] for p in parts)
-    if have < b:
+    if have >= b:
+        X = parts[0][:, :b]
+        G = X.T @ X
+        G.diagonal().sub_(1.0)
+        if float(G.abs().max()) <= 1e-12:
+            return X
+    else:
         parts.append(_random_block(n, b - have, generator, device))
-    X = torch.cat(parts, dim=1)[:, :b]
+        X = torch.cat(parts, dim=1)[:, :b]
     empty = torch.zeros(n, 0, dtype=_F64, device=device)
     scale = float(X.norm()) or 1.0
     Q, _ = _next_block(X, empty, 1e-10 * scale, generator)
@@ -402,7 +412,7 @@ def _dense_solve(
     device: torch.device,
     extend_rtol: float | None,
     extend_max: int,
-    symmetry_tol: float,
+    symmetry_tol: float | None,
 ) -> tuple:
     """Small operators: build ``H`` column by column and solve exactly."""
     step = max(b, 64)
@@ -412,11 +422,45 @@ def _dense_solve(
         E[j : j + E.shape[1]].copy_(torch.eye(E.shape[1], dtype=_F64, device=device))
         cols.append(matmat(E).to(_F64))
     H = torch.cat(cols, dim=1)
-    _check_symmetric(H, symmetry_tol)
+    if symmetry_tol is not None:
+        _check_symmetric(H, symmetry_tol)
     theta, Y = torch.linalg.eigh((H + H.T) / 2)
     top, bottom = _select_neighbours(theta, k_top, k_bottom, b, extend_rtol, extend_max)
     norm_est = float(theta.abs().max()) if n else 0.0
     return H, theta, Y, top, bottom, norm_est
+
+
+def _form_pairs(
+    Q: Tensor,
+    HQ: Tensor,
+    cols: int,
+    theta: Tensor,
+    Y: Tensor,
+    k_top: int,
+    k_bottom: int,
+    b: int,
+    extend_rtol: float | None,
+    extend_max: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The returned Ritz pairs (wanted and neighbours) and their explicit
+    residuals ``||H u - theta u||``.
+
+    Returns:
+        ``top``, ``bottom`` (indices into ``theta``), ``idx [s]`` (the formed
+        ones), ``pos [c]`` (an index's column among the formed ones, -1 if not
+        formed), ``U [n, s]``, ``HU [n, s]`` and ``res [s]``.
+    """
+    top, bottom = _select_neighbours(theta, k_top, k_bottom, b, extend_rtol, extend_max)
+    # Columns in the order the results list them (top descending, then bottom
+    # ascending), so that each result's vectors are a slice, not a gather
+    idx = torch.cat([top, bottom[~torch.isin(bottom, top)]])
+    pos = torch.full((theta.numel(),), -1, dtype=torch.long, device=theta.device)
+    pos[idx] = torch.arange(idx.numel(), device=theta.device)
+    Y_sel = Y[:, idx]
+    U = Q[:, :cols] @ Y_sel
+    HU = HQ[:, :cols] @ Y_sel
+    res = torch.linalg.vector_norm(HU - U * theta[idx], dim=0)
+    return top, bottom, idx, pos, U, HU, res
 
 
 def solve(
@@ -437,7 +481,7 @@ def solve(
     callback: Callable[[LanczosState], bool | None] | None = None,
     extend_rtol: float | None = None,
     extend_max: int = 32,
-    symmetry_tol: float = 1e-2,
+    symmetry_tol: float | None = 1e-2,
     gap_hints: tuple[float | None, float | None] = (None, None),
     kato_temple: bool = True,
     refine: float | None = None,
@@ -466,7 +510,8 @@ def solve(
             True stops the solve (status ``"stopped"``).
         symmetry_tol: largest relative asymmetry of ``Q_1^T H Q_1`` (checked on
             the first block) accepted; rounding in float32 products is ~1e-6.
-            Above it :class:`NotSymmetricError` is raised.
+            Above it :class:`NotSymmetricError` is raised. None skips the check
+            (a caller that has checked this operator before).
         extend_rtol, extend_max: grow the returned neighbour set (``ritz_*``) to
             the end of a cluster of Ritz values closer than
             ``extend_rtol * max|theta|``, by at most ``extend_max`` pairs.
@@ -624,16 +669,13 @@ def solve(
         # 2. Three-term recurrence: W <- W - Q_j A_j - Q_{j-1} B_{j-1}^T
         #    (A_j is symmetrized inside; once, on the first block, check that
         #    Q_1^T H Q_1 is symmetric: if not, the products themselves are wrong)
-        if iterations == 1:
+        if iterations == 1 and symmetry_tol is not None:
             _check_symmetric(Q_cur.T @ W, symmetry_tol)
         W, A = _ops.lanczos_step(W, Q_cur, Q_prev, B_prev)
 
         alphas.append(A)
 
-        # 3. Full reorthogonalization against the whole basis (two CGS passes)
-        W, _ = _ops.orthogonalize(Q[:, :cols], W, 2)
-
-        # 4. Rayleigh-Ritz on T = Q^T H Q (block tridiagonal with an arrow head)
+        # 3. Rayleigh-Ritz on T = Q^T H Q (block tridiagonal with an arrow head)
         T = _ops.assemble_tridiag(
             head,
             coupling,
@@ -645,9 +687,11 @@ def solve(
         theta, Y = torch.linalg.eigh(T)
         norm_est = max(norm_est, float(theta.abs().max()))
 
-        # 5. Convergence: the recurrence's residual estimate ||W Y_last|| (W is
-        #    the residual block, = Q_{j+1} B_j) first, then the explicit residual
-        #    ||H u - theta u|| (from the stored H Q), which alone decides
+        # 4. Convergence: the recurrence's residual estimate ||W Y_last|| (W is
+        #    the residual block, = Q_{j+1} B_j; from its b x b Gram matrix) first,
+        #    then the explicit residual ||H u - theta u|| (from the stored H Q),
+        #    which alone decides. The explicit pairs are formed for the returned
+        #    set (wanted and neighbours), so a converged step forms them once.
         enough = T.shape[0] >= k_total
         top, bottom = _select(theta, k_top, k_bottom)
         wanted = torch.cat([top, bottom])
@@ -655,7 +699,8 @@ def solve(
         if refine is not None and iterations > min_iterations:
             thresh *= refine
         hints = gap_hints if kato_temple else (None, None)
-        theta_res = torch.linalg.vector_norm(W @ Y[-b:], dim=0)
+        Y_last = Y[-b:]
+        theta_res = ((W.T @ W) @ Y_last * Y_last).sum(0).clamp(min=0.0).sqrt()
         res = theta_res[wanted]
         bound = (
             _certify(theta, wanted, res, top.numel(), hints, theta_res)[0]
@@ -664,10 +709,13 @@ def solve(
         )
         conv = bound <= thresh
         done = False
+        formed = None
         if enough and iterations >= min_iterations and bool(conv.all()):
-            U = Q[:, :cols] @ Y[:, wanted]
-            HU = HQ[:, :cols] @ Y[:, wanted]
-            res = torch.linalg.vector_norm(HU - U * theta[wanted], dim=0)
+            formed = _form_pairs(
+                Q, HQ, cols, theta, Y, k_top, k_bottom, b, extend_rtol, extend_max
+            )
+            pos, U_sel, HU_sel, res_sel = formed[3:]
+            res = res_sel[pos[wanted]]
             bound = (
                 _certify(theta, wanted, res, top.numel(), hints, theta_res)[0]
                 if kato_temple
@@ -694,6 +742,10 @@ def solve(
         if hvps + b > max_hvps:
             status = "max_hvps"
             break
+
+        # 5. Full reorthogonalization against the whole basis (two CGS passes),
+        #    only now that the solve goes on
+        W, _ = _ops.orthogonalize(Q[:, :cols], W, 2)
 
         # 6. Next block and its coupling: W = Q_{j+1} B_j
         Q_next, B = _next_block(
@@ -745,13 +797,11 @@ def solve(
 
     # Final Ritz pairs: the wanted ones and a block of neighbours at each end
     # (only their columns are formed: pos maps a Ritz index to its column)
-    top, bottom = _select_neighbours(theta, k_top, k_bottom, b, extend_rtol, extend_max)
-    idx = torch.unique(torch.cat([top, bottom]))
-    pos = torch.full((theta.numel(),), -1, dtype=torch.long, device=device)
-    pos[idx] = torch.arange(idx.numel(), device=device)
-    U_sel = Q[:, :cols] @ Y[:, idx]
-    HU_sel = HQ[:, :cols] @ Y[:, idx]
-    res_sel = torch.linalg.vector_norm(HU_sel - U_sel * theta[idx], dim=0)
+    if formed is None:
+        formed = _form_pairs(
+            Q, HQ, cols, theta, Y, k_top, k_bottom, b, extend_rtol, extend_max
+        )
+    top, bottom, idx, pos, U_sel, HU_sel, res_sel = formed
     return _finish(
         theta,
         pos,
@@ -772,6 +822,18 @@ def solve(
         hints=gap_hints if kato_temple else None,
         theta_res=theta_res.index_copy(0, idx, res_sel),
     )
+
+
+def _as_run(cols: Tensor) -> Tensor | slice:
+    """``cols`` as a slice when it is a run ``j, j+1, ...`` (indexing with it
+    then gives views instead of copies)."""
+    r = cols.numel()
+    if r == 0:
+        return cols
+    j = int(cols[0])
+    if bool((cols == torch.arange(j, j + r, device=cols.device)).all()):
+        return slice(j, j + r)
+    return cols
 
 
 def _finish(
@@ -813,7 +875,7 @@ def _finish(
 
     def make(idx: Tensor, k: int, which: str, ext_top: int, sl: slice) -> EigResult:
         want = idx[:k]
-        pw, pi = pos[want], pos[idx]
+        pw, pi = _as_run(pos[want]), _as_run(pos[idx])
         bound, gap, kato = bounds_w[sl], gaps_w[sl], kato_w[sl]
         conv = bound <= thresh
         if bool(conv.all()):

@@ -42,12 +42,14 @@ def _check_basis(name: str, U: Tensor) -> Tensor:
     return U.to(torch.float64)
 
 
-def principal_angles(U: Tensor, W: Tensor) -> Tensor:
+def principal_angles(U: Tensor, W: Tensor, M: Tensor | None = None) -> Tensor:
     """Principal angles between ``span(U)`` and ``span(W)``, ascending, in radians.
 
     Args:
         U: ``[n, p]`` orthonormal columns.
         W: ``[n, q]`` orthonormal columns.
+        M: ``[p, q]`` ``U^T W`` when the caller has it (one pass over both
+            bases saved).
 
     Returns:
         ``[min(p, q)]`` float64 angles in ``[0, pi/2]``.
@@ -58,21 +60,38 @@ def principal_angles(U: Tensor, W: Tensor) -> Tensor:
             f"U and W must have the same number of rows; got {U.shape[0]} and "
             f"{W.shape[0]}"
         )
+    if M is not None and tuple(M.shape) != (U.shape[1], W.shape[1]):
+        raise ValueError(
+            f"M must be U^T W of shape {[U.shape[1], W.shape[1]]}; got {list(M.shape)}"
+        )
     if U.shape[1] < W.shape[1]:
         U, W = W, U
+        M = None if M is None else M.T
     q = W.shape[1]
     if q == 0:
         return torch.zeros(0, dtype=torch.float64)
 
     # Cosines: singular values of U^T W (descending)
-    M = U.T @ W
+    if M is None:
+        M = U.T @ W
+    M = M.to(torch.float64)
     cos = torch.linalg.svdvals(M).clamp(0.0, 1.0)
+    small = cos**2 >= 0.5
+    if not bool(small.any()):
+        return torch.arccos(cos).sort().values.cpu()
 
-    # Sines: singular values of the part of W outside span(U) (pair ascending)
-    sin = torch.linalg.svdvals(W - U @ M).clamp(0.0, 1.0).flip(0)
+    # Sines: singular values of R = W - U M, the part of W outside span(U)
+    # (paired ascending), through the q x q Gram matrix R^T R: its rounding
+    # moves sin_i^2 by ~eps * sin_max^2, so when the sines span more than three
+    # decades the small ones come from the SVD of R itself
+    R = W - U @ M
+    sin2 = torch.linalg.eigvalsh(R.T @ R).clamp(min=0.0)
+    sin = sin2.sqrt()
+    if float(sin[0]) < 1e-3 * float(sin[-1]):
+        sin = torch.linalg.svdvals(R).flip(0)
+    sin = sin.clamp(0.0, 1.0)
 
     # Small angles from sines, large ones from cosines
-    small = cos**2 >= 0.5
     angles = torch.where(small, torch.arcsin(sin), torch.arccos(cos))
     return angles.sort().values.cpu()
 
@@ -142,18 +161,21 @@ def top1_cosine(
     rtol: float = 1e-3,
     prev_residuals: Tensor | None = None,
     residuals: Tensor | None = None,
+    M: Tensor | None = None,
 ) -> float:
     """``|cos|`` between consecutive top eigenvectors, cluster-aware.
 
     For simple top eigenvalues this is ``|<v1(t-1), v1(t)>|``. When the top
     eigenvalue is in a cluster at either step, it is the cosine of the smallest
     principal angle between the two top-cluster subspaces (1 when they share a
-    direction), so no rotation is reported inside a cluster.
+    direction), so no rotation is reported inside a cluster. ``M``: the overlap
+    matrix ``prev_vectors^T vectors`` when the caller has it.
     """
     p = cluster_extent(prev_values, 1, rtol, prev_residuals)
     c = cluster_extent(values, 1, rtol, residuals)
-    angles = principal_angles(prev_vectors[:, :p], vectors[:, :c])
-    return math.cos(float(angles[0]))
+    P, W = _check_basis("prev_vectors", prev_vectors), _check_basis("vectors", vectors)
+    block = P[:, :p].T @ W[:, :c] if M is None else M[:p, :c].to(torch.float64)
+    return min(1.0, float(torch.linalg.svdvals(block)[0]))
 
 
 def match(
@@ -162,6 +184,7 @@ def match(
     prev_groups: list[list[int]] | None = None,
     groups: list[list[int]] | None = None,
     count: int | None = None,
+    M: Tensor | None = None,
 ) -> list[tuple[int, int, float]]:
     """Match eigenvectors across two steps by overlap, not by index.
 
@@ -175,6 +198,7 @@ def match(
         prev_vectors, vectors: ``[n, r0]``, ``[n, r1]``.
         prev_groups, groups: cluster index groups (default: singletons).
         count: match only the first ``count`` vectors of each side.
+        M: the overlap matrix ``prev_vectors^T vectors`` when the caller has it.
 
     Returns:
         ``(i_prev, j_new, overlap)`` triples, one per matched pair, sorted by
@@ -185,14 +209,17 @@ def match(
     r1 = W.shape[1] if count is None else min(count, W.shape[1])
     g0 = {i: g for g in (prev_groups or [[i] for i in range(P.shape[1])]) for i in g}
     g1 = {j: g for g in (groups or [[j] for j in range(W.shape[1])]) for j in g}
+    # Overlaps from one product: |M_ij|, or for clusters the largest singular
+    # value of the cluster block (the cosine of the smallest principal angle)
+    M = (P.T @ W if M is None else M.to(torch.float64)).cpu()
     O = torch.empty(r0, r1, dtype=torch.float64)
     for i in range(r0):
         for j in range(r1):
             a, b = g0.get(i, [i]), g1.get(j, [j])
             if len(a) == 1 and len(b) == 1:
-                O[i, j] = float((P[:, i] @ W[:, j]).abs())
+                O[i, j] = abs(float(M[i, j]))
             else:
-                O[i, j] = math.cos(float(principal_angles(P[:, a], W[:, b])[0]))
+                O[i, j] = min(1.0, float(torch.linalg.svdvals(M[a][:, b])[0]))
     pairs = []
     while len(pairs) < min(r0, r1):
         flat = int(torch.argmax(O))
@@ -241,14 +268,19 @@ def compare(
     """
     k0 = cluster_extent(prev_values, k, rtol, prev_residuals)
     k1 = cluster_extent(values, k, rtol, residuals)
-    angles = principal_angles(prev_vectors[:, :k0], vectors[:, :k1])
+    P, W = _check_basis("prev_vectors", prev_vectors), _check_basis("vectors", vectors)
+
+    # One overlap matrix [r0, r1] serves the angles, the matching and the top-1
+    M = P.T @ W
+    angles = principal_angles(P[:, :k0], W[:, :k1], M[:k0, :k1])
     new_groups = clusters(values[:k1], rtol, _head(residuals, k1))
     pairs = match(
-        prev_vectors[:, :k0],
-        vectors[:, :k1],
+        P[:, :k0],
+        W[:, :k1],
         clusters(prev_values[:k0], rtol, _head(prev_residuals, k0)),
         new_groups,
         count=k,
+        M=M[:k0, :k1],
     )
 
     # The previous top vector followed to its match: a crossing (the top two
@@ -256,9 +288,7 @@ def compare(
     group_of = {j: set(g) for g in new_groups for j in g}
     top_pair = next((p for p in pairs if p[0] == 0), None)
     crossed = [[i, j] for i, j, _ in pairs if i != j and i not in group_of.get(j, {j})]
-    raw = top1_cosine(
-        prev_values, prev_vectors, values, vectors, rtol, prev_residuals, residuals
-    )
+    raw = top1_cosine(prev_values, P, values, W, rtol, prev_residuals, residuals, M=M)
     similarity = math.cos(math.sqrt(float((angles**2).mean())))
     largest = float(angles.max())
     old_groups = clusters(prev_values[:k0], rtol, _head(prev_residuals, k0))

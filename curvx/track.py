@@ -510,6 +510,9 @@ class Tracker:
         cached = getattr(res, "_certified", None)
         if cached is None:
             idx = self._certified_index(res)
+            r = idx.numel()
+            if bool((idx == torch.arange(r, device=idx.device)).all()):
+                idx = slice(0, r)  # a leading run: views, no copies
             cached = (
                 res.ritz_values[idx],
                 res.ritz_vectors[:, idx],
@@ -540,7 +543,8 @@ class Tracker:
         W, S, Vh = torch.linalg.svd(U_b.T @ U_a)
         if float(S.min()) < math.cos(self.extrapolate_max_angle):
             return latest
-        V = U_a + (t - a) / (a - b) * (U_a - U_b @ (W @ Vh))
+        c = (t - a) / (a - b)
+        V = torch.addmm(U_a, U_b, W @ Vh, beta=1.0 + c, alpha=-c)
 
         # Orthonormalize through the small Gram matrix (V is nearly orthonormal)
         L, info = torch.linalg.cholesky_ex(V.T @ V)
@@ -974,6 +978,8 @@ class Tracker:
                     v0=V0,
                     gap_hints=hints,
                     refine=self.refine,
+                    # the cold solve that started the tracking checked symmetry
+                    symmetry_tol=None,
                     **kw,
                 )
                 spent += top.hvps

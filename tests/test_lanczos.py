@@ -272,3 +272,41 @@ def test_non_symmetric_operator_is_refused():
         lanczos(A, k=1)
     with pytest.raises(curvx.NotSymmetricError):
         lanczos(A[:10, :10].clone(), k=1)  # the dense path too
+
+
+def test_symmetry_check_can_be_skipped_by_a_caller_that_made_it():
+    A = _sym(torch.linspace(-1, 1, 120, dtype=torch.float64))
+    S = torch.randn(120, 120, dtype=torch.float64, generator=_gen(3))
+    A = A + 0.1 * (S - S.T)
+    res = lanczos(A, k=1, symmetry_tol=None, max_hvps=60, generator=_gen())
+    assert res.hvps <= 60  # no NotSymmetricError: the caller owns the check
+
+
+@pytest.mark.parametrize("orthonormal", [True, False])
+def test_start_block_uses_an_orthonormal_v0_as_is(orthonormal):
+    from curvx.lanczos import _start_block
+
+    n = 500
+    X = torch.randn(n, 3, dtype=torch.float64, generator=_gen(4))
+    if orthonormal:
+        X, _ = torch.linalg.qr(X)
+    Q = _start_block(X, n, 3, _gen(), torch.device("cpu"))
+    assert torch.allclose(Q.T @ Q, torch.eye(3, dtype=torch.float64), atol=1e-13)
+    # the same span either way; an orthonormal start comes back unchanged
+    assert torch.allclose(Q @ (Q.T @ X), X, atol=1e-12)
+    assert (Q.data_ptr() == X.data_ptr()) == orthonormal
+
+
+def test_both_ends_results_are_columns_of_one_formed_block():
+    # top and bottom vectors come out as slices (no gathers) and still match
+    # their values and residuals
+    eigs = torch.linspace(-3, 2, 400, dtype=torch.float64)
+    A = _sym(eigs, seed=7)
+    top, bottom = solve(lambda V: A @ V, 400, 2, 2, tol=1e-10, generator=_gen())
+    for r in (top, bottom):
+        U = r.eigenvectors
+        R = A @ U - U * r.eigenvalues
+        assert torch.allclose(R.norm(dim=0), r.residuals, atol=1e-12)
+        assert torch.allclose(r.ritz_vectors[:, : U.shape[1]], U)
+    assert torch.allclose(top.eigenvalues, eigs.flip(0)[:2], atol=1e-9)
+    assert torch.allclose(bottom.eigenvalues, eigs[:2], atol=1e-9)

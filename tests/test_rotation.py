@@ -105,3 +105,23 @@ def test_bad_bases():
         rotation.principal_angles(torch.ones(3, 1), torch.ones(4, 1))
     with pytest.raises(ValueError, match=r"\[n, p\]"):
         rotation.principal_angles(torch.ones(3), torch.ones(3, 1))
+
+
+def test_principal_angles_with_a_given_overlap_matrix():
+    U, W = _plane_pair([0.2, 1e-7, 1.1], n=40, seed=3)
+    want = rotation.principal_angles(U, W)
+    got = rotation.principal_angles(U, W, U.T @ W)
+    assert torch.allclose(got, want, atol=1e-14)
+    got = rotation.principal_angles(W[:, :2], U, (U.T @ W[:, :2]).T)  # p < q
+    assert torch.allclose(got, rotation.principal_angles(W[:, :2], U), atol=1e-14)
+    with pytest.raises(ValueError, match="M must be U\\^T W"):
+        rotation.principal_angles(U, W, torch.zeros(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("angles", [[1e-4, 2e-4], [1e-8, 0.3], [1e-11, 1e-10]])
+def test_small_angles_keep_their_digits(angles):
+    # sines spanning a few decades (Gram path) and many (SVD path)
+    U, W = _plane_pair(angles, n=60, seed=5)
+    got = rotation.principal_angles(U, W)
+    want = torch.tensor(sorted(angles), dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-15)

@@ -14,7 +14,10 @@
 // (float32), b = 16 float64: 1.1x; assemble_tridiag 11-20x. The float64 cases with 16-column
 // blocks are kept at parity with MKL's DGEMM (memory-bound, one pass over the basis per product
 // either way): the kernels are there for float32 and bfloat16 bases, which the references must
-// first copy to float64, and for one implementation across block sizes.
+// first copy to float64, and for one implementation across block sizes. With two threads and
+// narrow blocks (b = 1-3, a tracker's usual width) they lose to the composites (float64
+// orthogonalize 2.3-2.5x slower, lanczos_step 1.6-2.2x; float32 1.5-2.3x), so curvx/_ops.py
+// sends CPU blocks narrower than CPU_KERNEL_MIN_BLOCK = 8 to the composites.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
