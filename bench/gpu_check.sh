@@ -11,14 +11,16 @@
 #               tensors (`pytest tests -m cuda`);
 #   4. kernels  bench/test_bench_kernels.py's CUDA rows: each kernel against its ATen
 #               composite on the GPU;
-#   5. gpu      bench/test_bench_gpu.py: ResNet-18 tracking overhead and block HVPs;
+#   5. gpu      bench/test_bench_gpu.py: ResNet-18 tracking overhead, block HVPs and a
+#               cold top-5 with the convergence test every block vs every 4th;
 #   6. summary  summary.md and summary.json from everything above.
 #
 # Usage: bench/gpu_check.sh [RESULTS_DIR]   (default: $OUT, else bench/results/gpu)
 # Every phase has a hard time cap, and the whole run stops starting phases past
 # GPU_CHECK_BUDGET_S (default 450 s), so it ends within 8 minutes. A failing phase is
 # recorded and the next one still runs; the exit status is 0 when every phase passed.
-# Files written (8, flat): env.txt build.log tests.log bench.log kernels.json gpu.json
+# Files written (flat): env.txt build.log tests.log bench.log kernels.json gpu.json, their
+# finished rows as kernels.partial.jsonl gpu.partial.jsonl (kept when a phase hits its cap),
 # summary.json summary.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -187,7 +189,10 @@ fi
 bench() {  # bench NAME CAP FILE.py STANDALONE_MATCH: the file's CUDA rows
     local name=$1 cap=$2 file=$3 match=$4
     if [ "$PYTEST_BENCH" = 1 ]; then
-        run_phase "$name" "$cap" "$BENCH_LOG" $PY -m pytest -q -rs -p no:cacheprovider \
+        # finished rows also go to a partial JSONL: a phase stopped by its cap
+        # keeps them
+        BENCH_PARTIAL="$RESULTS/$name.partial.jsonl" \
+            run_phase "$name" "$cap" "$BENCH_LOG" $PY -m pytest -q -rs -p no:cacheprovider \
             "bench/$file" -m cuda --benchmark-json="$RESULTS/$name.json"
     else
         run_phase "$name" "$cap" "$BENCH_LOG" $PY "bench/$file" "$RESULTS/$name.json" \
@@ -195,7 +200,7 @@ bench() {  # bench NAME CAP FILE.py STANDALONE_MATCH: the file's CUDA rows
     fi
 }
 bench kernels 90 test_bench_kernels.py cuda-
-bench gpu 130 test_bench_gpu.py ""
+bench gpu 160 test_bench_gpu.py ""
 
 # --------------------------------------------------------------- 6. summary
 $PY - "$RESULTS" "$(($(date +%s) - START))" <<'EOF' || log "summary failed"
@@ -222,8 +227,15 @@ failures = re.findall(r"^(?:FAILED|ERROR) .*$", tests, re.M)
 def rows(name):
     try:
         data = json.loads(read(name + ".json"))
-    except ValueError:
-        return []
+    except ValueError:  # stopped by its cap: the rows that finished
+        data = {"benchmarks": []}
+        for line in read(name + ".partial.jsonl").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if "extra_info" in rec:
+                data["benchmarks"].append(rec)
     out = []
     for b in data.get("benchmarks", []):
         info = dict(b.get("extra_info", {}))

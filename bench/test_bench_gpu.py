@@ -15,6 +15,9 @@ cross-entropy, full-batch SGD:
 * 5b block HVP: 8 vectors in one block against 8 single-vector products, through
   ``curvx.hvp`` (each call pays its forward and first backward) and through one
   ``HessianOperator`` with its first-backward graph kept. Floor: <= 0.3x.
+* 5c a cold top-5 ``curvx.eigsh`` with the convergence test after every block
+  and after every 4th (``check_every``): seconds, HVPs and ms per HVP, to choose
+  the GPU default (host syncs saved against blocks run past convergence).
 
 Skipped visibly without CUDA. ``BENCH_GPU_BATCH`` (256), ``BENCH_GPU_STEPS`` (8
 tracked steps after ``BENCH_GPU_WARM`` = 2) and ``BENCH_GPU_ROW_BUDGET_S`` (40: a
@@ -39,6 +42,7 @@ from curvx.operators import HessianOperator
 
 GROUP_5A = "5a GPU tracking: ResNet-18, CIFAR-10-shaped batch, top-5 every step"
 GROUP_5B = "5b GPU block HVP: ResNet-18, 8 vectors at once vs 8 single HVPs"
+GROUP_5C = "5c GPU cold top-5: convergence test every block vs every 4 (host syncs)"
 DEVICE = os.environ.get("BENCH_GPU_DEVICE", "cuda")  # "cpu": a smoke run of the code
 BATCH = int(os.environ.get("BENCH_GPU_BATCH", "256"))
 STEPS = int(os.environ.get("BENCH_GPU_STEPS", "8"))
@@ -212,6 +216,36 @@ def block_hvp_row(api: str) -> dict[str, Any]:
     }
 
 
+def check_every_row(every: int) -> dict[str, Any]:
+    """A cold top-5 solve with the convergence test every ``every`` blocks: the
+    host syncs saved against the blocks run past convergence."""
+    model, origin, X, y = _problem()
+    sync(DEVICE)
+    t0 = time.perf_counter()
+    res = curvx.eigsh(
+        model,
+        _loss,
+        (X, y),
+        k=K,
+        tol=1e-3,
+        mode="train",
+        max_hvps=600,
+        check_every=every,
+    )
+    sync(DEVICE)
+    seconds = time.perf_counter() - t0
+    return {
+        "model": origin,
+        "batch": BATCH,
+        "check_every": every,
+        "seconds": seconds,
+        "hvps": res.hvps,
+        "ms_per_hvp": 1e3 * seconds / max(res.hvps, 1),
+        "all_converged": res.all_converged,
+        "sharpness": float(res.eigenvalues[0]),
+    }
+
+
 def rows() -> list[Row]:
     out = [
         Row(
@@ -234,6 +268,17 @@ def rows() -> list[Row]:
             needs_cuda=True,
         )
         for api in ("curvx.hvp", "HessianOperator kept-graph")
+    ]
+    out += [
+        Row(
+            key=f"check-every-{every}",
+            group=GROUP_5C,
+            tool=f"curvx.eigsh check_every={every}",
+            fn=lambda every=every: check_every_row(every),
+            info={"check_every": every},
+            needs_cuda=True,
+        )
+        for every in (1, 4)
     ]
     return out
 

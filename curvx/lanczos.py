@@ -214,7 +214,7 @@ def _next_block(
     evals, V = torch.linalg.eigh(W.T @ W)
     S = evals.clamp(min=0.0).sqrt().flip(0)
     V = V.flip(1)
-    cut = max(rank_tol, 1e-7 * float(S[0]) if b else 0.0)
+    cut = (1e-7 * S[0]).clamp(min=rank_tol)  # on the device: one sync, the rank
     rank = int((S > cut).sum())
     B = torch.zeros(b, b, dtype=_F64, device=W.device)
     U = W @ (V[:, :rank] / S[:rank])
@@ -241,6 +241,39 @@ def _next_block(
     R, _ = _ops.orthogonalize(full, R, 1)
     R, _ = torch.linalg.qr(R)
     return torch.cat([keep, R], dim=1), B
+
+
+def _next_block_lazy(W: Tensor, rank_tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_next_block` without reading anything back to the host.
+
+    CholeskyQR2 through the ``b x b`` Gram matrix, and a verdict kept on the
+    device: False when a factorization failed, the block is (nearly) rank
+    deficient (a Cholesky diagonal below ``1e-7`` of the largest or below
+    ``rank_tol``), or the result is not orthonormal to ``1e-12``. The caller
+    reads the verdicts of several blocks with one sync and, when one is False,
+    redoes those blocks with :func:`_next_block` (which replaces lost
+    directions).
+
+    Returns:
+        ``Q_next [n, b]``, ``B [b, b]`` with ``W = Q_next B``, and ``ok`` (0-dim
+        bool on ``W``'s device).
+    """
+    b = W.shape[1]
+    L1, info1 = torch.linalg.cholesky_ex(W.T @ W)
+    U = torch.linalg.solve_triangular(L1, W.T, upper=False).T
+    L2, info2 = torch.linalg.cholesky_ex(U.T @ U)
+    U = torch.linalg.solve_triangular(L2, U.T, upper=False).T
+    B = L2.T @ L1.T
+    d = L1.diagonal()
+    E = U.T @ U - torch.eye(b, dtype=U.dtype, device=U.device)
+    ok = (
+        (info1 == 0)
+        & (info2 == 0)
+        & torch.isfinite(B).all()
+        & (d.min() > (1e-7 * d.max()).clamp(min=rank_tol))
+        & (E.abs().max() <= 1e-12)
+    )
+    return U, B, ok
 
 
 def _start_block(
@@ -485,6 +518,7 @@ def solve(
     gap_hints: tuple[float | None, float | None] = (None, None),
     kato_temple: bool = True,
     refine: float | None = None,
+    check_every: int | None = None,
 ) -> tuple[EigResult, EigResult | None]:
     """Block Lanczos for both ends of the spectrum; the engine behind :func:`lanczos`.
 
@@ -525,6 +559,18 @@ def solve(
             until the bounds are below ``refine * tol`` (within the budget): a
             tracker's next warm start then begins well inside the tolerance.
             The result is converged by ``tol`` either way.
+        check_every: test convergence every this many blocks after
+            ``min_iterations`` (default 1). The test reads values back to the
+            host; between tests the solver's own steps read nothing back (the
+            next block is factored by CholeskyQR2 with its soundness kept on
+            the device and read at the test; an unsound one sends the solve
+            back to the first untested block, which is redone with the
+            synced factorization). On a GPU a larger value keeps the device
+            queue full at the price of up to ``check_every - 1`` blocks past
+            convergence. Restarts, the last block of the budget and a
+            ``callback`` always see a test. The operator's own checks are its
+            business (:class:`curvx.HessianOperator` reads back one
+            finiteness flag per product).
 
     Returns:
         ``(top, bottom)`` results; ``bottom`` is None when ``k_bottom == 0``. Both
@@ -587,6 +633,9 @@ def solve(
         )
     if min_iterations is None:
         min_iterations = m // b
+    check_every = 1 if check_every is None else as_int(check_every, "check_every")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1; got {check_every}")
 
     def apply(V: Tensor) -> Tensor:
         HV = matmat(V)
@@ -657,6 +706,25 @@ def solve(
     norm_est = 0.0
     best_worst, stalls = math.inf, 0
     status = "max_hvps"
+    # Blocks between convergence checks factor their next block lazily (no
+    # host sync); `saved` is the state before the first of them, `pending` the
+    # device-side verdict of all of them, read at the next check
+    lazy = check_every > 1
+    saved: tuple | None = None
+    pending: Tensor | None = None
+    prev_cols = (0, 0)  # Q_prev's columns in Q
+
+    def is_check(hvps: int, cols: int, iterations: int) -> bool:
+        """Whether this block ends with Rayleigh-Ritz and a convergence test."""
+        return (
+            callback is not None
+            or hvps + b > max_hvps
+            or cols + b > m
+            or (
+                iterations >= min_iterations
+                and (iterations - min_iterations) % check_every == 0
+            )
+        )
 
     while True:
         # 1. Expand: W = H Q_j, kept for explicit residuals
@@ -674,6 +742,49 @@ def solve(
         W, A = _ops.lanczos_step(W, Q_cur, Q_prev, B_prev)
 
         alphas.append(A)
+
+        # Between convergence checks the loop runs without reading anything
+        # back from the device (no host sync): Rayleigh-Ritz and the test come
+        # every check_every blocks, and always before a restart, on the last
+        # block the budget pays for, and when a callback watches
+        check = is_check(hvps, cols, iterations)
+        if check and pending is not None:
+            # The one sync of a run of lazy blocks. A failed factorization
+            # (rare: a breakdown) sends the solve back to the state before
+            # the run, whose products are lost, and on without lazy blocks
+            sound = bool(pending)
+            pending = None
+            if not sound:
+                c0, n_alpha, n_beta, prev_cols, B_prev, W = saved
+                cols, alphas, betas = c0, alphas[:n_alpha], betas[:n_beta]
+                Q_cur, Q_prev = Q[:, c0 - b : c0], Q[:, prev_cols[0] : prev_cols[1]]
+                lazy = False
+                logger.debug("lazy block factorization failed: redone with syncs")
+                check = is_check(hvps, cols, iterations)
+            saved = None
+        if not check:
+            W, _ = _ops.orthogonalize(Q[:, :cols], W, 2)
+            rank_tol = 1e-12 * max(norm_est, 1e-300)
+            if lazy:
+                if saved is None:
+                    saved = (
+                        cols,
+                        len(alphas),
+                        len(betas),
+                        prev_cols,
+                        B_prev,
+                        W.clone(),
+                    )
+                Q_next, B, ok = _next_block_lazy(W, rank_tol)
+                pending = ok if pending is None else pending & ok
+            else:
+                Q_next, B = _next_block(W, Q[:, :cols], rank_tol, generator)
+            betas.append(B)
+            Q_prev, B_prev, prev_cols = Q_cur, B, (cols - b, cols)
+            grow(cols + b)
+            Q[:, cols : cols + b] = Q_next
+            Q_cur = Q[:, cols : cols + b]
+            continue
 
         # 3. Rayleigh-Ritz on T = Q^T H Q (block tridiagonal with an arrow head)
         T = _ops.assemble_tridiag(
@@ -779,7 +890,7 @@ def solve(
             head = torch.diag(theta[keep])
             coupling = B @ Y[-b:, keep]
             alphas, betas = [], []
-            Q_prev, B_prev = Q[:, :r], coupling
+            Q_prev, B_prev, prev_cols = Q[:, :r], coupling, (0, r)
             restarts += 1
             logger.debug(
                 "restart %d after %d HVPs, worst residual/threshold %.3g",
@@ -790,7 +901,7 @@ def solve(
         else:
             # 7b. Extend: the coupling B_j becomes the next step's B_{j-1}
             betas.append(B)
-            Q_prev, B_prev = Q_cur, B
+            Q_prev, B_prev, prev_cols = Q_cur, B, (cols - b, cols)
         grow(cols + b)
         Q[:, cols : cols + b] = Q_next
         Q_cur = Q[:, cols : cols + b]

@@ -33,6 +33,7 @@ def eigsh(
     seed: int = 0,
     callback: Callable | None = None,
     autocast: torch.dtype | None = None,
+    check_every: int | None = None,
 ) -> EigResult:
     """Certified extreme eigenpairs of the Hessian of the mean loss over ``data``.
 
@@ -50,8 +51,9 @@ def eigsh(
             ``"SA"`` (smallest algebraic, ascending) or ``"BE"`` (both ends).
         tol: relative accuracy of the eigenvalues; default from the dtype the
             products are computed in (1e-8 float64, 1e-4 float32, 1e-2 lower).
-        block_size, max_basis, max_hvps, v0, callback: see
-            :func:`curvx.lanczos.solve`.
+        block_size, max_basis, max_hvps, v0, callback, check_every: see
+            :func:`curvx.lanczos.solve` (``check_every`` > 1 spares the GPU a
+            host sync per block between convergence tests).
         seed: seed of the private generator for random start vectors, and of
             the fixed dropout masks under ``mode="train"``.
         autocast: products under ``torch.autocast`` with this dtype (mixed
@@ -89,4 +91,5 @@ def eigsh(
         generator=gen,
         device=op.device,
         callback=callback,
+        check_every=check_every,
     )

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from _reference import Quadratic, data, dense_hessian, mlp, mse_sum, quadratic_loss
+from conftest import requires_cuda
 
 import curvx
 from curvx.lanczos import LanczosState, lanczos, solve
@@ -310,3 +311,77 @@ def test_both_ends_results_are_columns_of_one_formed_block():
         assert torch.allclose(r.ritz_vectors[:, : U.shape[1]], U)
     assert torch.allclose(top.eigenvalues, eigs.flip(0)[:2], atol=1e-9)
     assert torch.allclose(bottom.eigenvalues, eigs[:2], atol=1e-9)
+
+
+_DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_convergence_checked_every_few_blocks(device, monkeypatch):
+    # check_every > 1 skips Rayleigh-Ritz and the test (the host syncs) between
+    # checks; the answer is as certified as with a test after every block
+    import sys
+
+    lz = sys.modules["curvx.lanczos"]  # (curvx.lanczos is also the function)
+
+    eigs = torch.cat(
+        [torch.linspace(-4, 1, 597, dtype=torch.float64), torch.tensor([2.0, 2.5, 3])]
+    )
+    A = _sym(eigs, seed=8).to(device)
+    calls = []
+    certify = lz._certify
+    monkeypatch.setattr(
+        lz, "_certify", lambda *a, **kw: calls.append(1) or certify(*a, **kw)
+    )
+    got = {}
+    for every in (1, 4):
+        calls.clear()
+        top, bottom = solve(
+            lambda V: A @ V,
+            600,
+            2,
+            1,
+            tol=1e-9,
+            min_iterations=2,
+            max_basis=60,
+            check_every=every,
+            generator=_gen(),
+            device=device,
+        )
+        assert top.all_converged and bottom.all_converged
+        assert torch.allclose(top.eigenvalues.cpu(), eigs.flip(0)[:2], atol=1e-8)
+        assert math.isclose(float(bottom.eigenvalues[0]), -4.0, abs_tol=1e-8)
+        got[every] = (len(calls), top.iterations)
+    assert got[4][0] < got[1][0]
+
+
+def test_check_every_must_be_positive():
+    A = _sym(torch.linspace(-1, 1, 200, dtype=torch.float64))
+    with pytest.raises(ValueError, match="check_every"):
+        lanczos(A, k=1, check_every=0)
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_lazy_blocks_recover_from_a_breakdown(device):
+    # three distinct eigenvalues: the Krylov space is exhausted after a few
+    # blocks, so a lazily factored block is rank deficient; the solve must go
+    # back and replace the lost directions, as the synced path does
+    eigs = torch.tensor([1.0] * 300 + [2.0] * 299 + [5.0], dtype=torch.float64)
+    A = _sym(eigs, seed=9).to(device)
+    for every in (1, 3):
+        top, bottom = solve(
+            lambda V: A @ V,
+            600,
+            2,
+            1,
+            tol=1e-10,
+            min_iterations=1,
+            check_every=every,
+            generator=_gen(),
+            device=device,
+        )
+        assert top.all_converged and bottom.all_converged
+        assert torch.allclose(
+            top.eigenvalues.cpu(), torch.tensor([5.0, 2.0], dtype=torch.float64)
+        )
+        assert math.isclose(float(bottom.eigenvalues[0]), 1.0, abs_tol=1e-9)
