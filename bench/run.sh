@@ -49,6 +49,16 @@ for line in open(sys.argv[1]):
 json.dump({"packages": packages}, open(sys.argv[2], "w"), indent=1)
 PYEOF
 
+# glibc's malloc keeps freed memory instead of returning it to the kernel (the
+# effect PyTorch's CPU tuning guide gets from jemalloc/tcmalloc): otherwise every
+# step of every tool pays page faults for its activations, more so when plain GD
+# steps are interleaved with the measured ones. Same for every tool; the report's
+# header shows it. BENCH_MALLOC=default leaves glibc as it is.
+if [ "${BENCH_MALLOC:-tuned}" != default ]; then
+    export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296}
+    export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-68719476736}
+fi
+
 # 2. Every bench/test_*.py (this suite's and anyone else's); finished rows are also
 #    appended to the partial file as they end
 JSON="$OUT/$STAMP.json"

@@ -141,7 +141,8 @@ class TrackRecord:
         sharpness_estimate, estimate_method: the secant estimate from consecutive
             gradients (``"secant-eigvec"``: ``u.y / u.s`` along the last certified
             top eigenvector ``u``; ``"secant-step"``: ``s.y / s.s``). Uncertified:
-            ``y = H s + O(|s|^2)``.
+            ``y = H s + O(|s|^2)``. Recorded when ``certify_every > 1`` (on every
+            step then); with every step certified it is not computed.
         rotation_top1: ``|cos|`` between the previous top eigenvector and its
             match by overlap among this step's top-k (cluster-aware; None on the
             first evaluation): an eigenvalue crossing is not a rotation.
@@ -469,7 +470,9 @@ class Tracker:
         self._anchors_top: list[tuple[int, Tensor]] = []
         self._anchors_bottom: list[tuple[int, Tensor]] = []
         self._prev_step: int | None = None
-        self._last_step_dir: Tensor | None = None
+        self._grad_now: Tensor | None = None
+        # the last pair of anchors and their motion (see _predict)
+        self._motion: tuple | None = None
 
     def _rebind(self) -> None:
         """Follow a model whose trainable parameters were replaced, (un)frozen or
@@ -540,24 +543,40 @@ class Tracker:
         (b, U_b), (a, U_a) = anchors[-2], anchors[-1]
         if U_a.shape != U_b.shape or t - a > 8 or a - b > 8:
             return latest
-        W, S, Vh = torch.linalg.svd(U_b.T @ U_a)
-        if float(S.min()) < math.cos(self.extrapolate_max_angle):
-            return latest
-        c = (t - a) / (a - b)
-        V = torch.addmm(U_a, U_b, W @ Vh, beta=1.0 + c, alpha=-c)
 
-        # Orthonormalize through the small Gram matrix (V is nearly orthonormal)
-        L, info = torch.linalg.cholesky_ex(V.T @ V)
+        # The motion D = U_a - U_b R and the Gram blocks of [U_a, D], once per
+        # pair of anchors (the next steps extrapolate from the same pair)
+        cache = self._motion
+        if cache is None or cache[0] is not U_a or cache[1] is not U_b:
+            W, S, Vh = torch.linalg.svd(U_b.T @ U_a)
+            if float(S.min()) < math.cos(self.extrapolate_max_angle):
+                self._motion = (U_a, U_b, None)
+                return latest
+            D = torch.addmm(U_a, U_b, W @ Vh, alpha=-1.0)
+            G = torch.cat([U_a, D], dim=1)
+            G = G.T @ G
+            self._motion = cache = (U_a, U_b, (D, G))
+        if cache[2] is None:
+            return latest
+        D, G = cache[2]
+        c = (t - a) / (a - b)
+        p = U_a.shape[1]
+
+        # V = U_a + c D, orthonormalized through its Gram matrix (from G's blocks)
+        VtV = G[:p, :p] + c * (G[:p, p:] + G[p:, :p]) + c * c * G[p:, p:]
+        L, info = torch.linalg.cholesky_ex(VtV)
         if int(info) != 0 or float(L.diagonal().min()) < 1e-3:
             return latest
+        V = torch.add(U_a, D, alpha=c)
         return torch.linalg.solve_triangular(L, V.T, upper=False).T
 
     def _guard_columns(self, n_guard: int, have: Tensor) -> Tensor:
-        """Guard columns: the previous neighbours beyond k, the last step's
+        """Guard columns: the previous neighbours beyond k, the gradient's
         direction outside the tracked subspace, then random ones."""
         parts = [nb for nb in (self._nb_top, self._nb_bottom) if nb is not None]
-        if self._last_step_dir is not None:
-            parts.append(self._last_step_dir[:, None])
+        direction = self._step_direction()
+        if direction is not None:
+            parts.append(direction[:, None])
         parts.append(
             torch.randn(
                 have.shape[0], n_guard, generator=self.generator, dtype=_F64
@@ -786,13 +805,14 @@ class Tracker:
                 raise NonFiniteError("the gradient is not finite")
             if backward:
                 self._write_grad(grad)
-            point = self._flat_params()
             d = self._preconditioner() if wants_precond else None
             rec.preconditioned = d is not None
             g_eff = grad if d is None else d * grad
-            self._secant(point, grad, d, rec)
-            self._last_step_dir = self._step_direction(point)
-            self._last_point = (point, grad)
+            self._grad_now = g_eff  # a guard column's source, formed when used
+            if self.certify_every > 1:
+                point = self._flat_params()
+                self._secant(point, grad, d, rec)
+                self._last_point = (point, grad)
             if not certify:
                 rec.status = "estimate"
                 return self._close(rec, t0, hv0)
@@ -924,16 +944,18 @@ class Tracker:
                 "call tracker.step() without backward=True"
             )
 
-    def _step_direction(self, point: Tensor) -> Tensor | None:
-        """The last step's direction outside the tracked subspace (a guard)."""
-        if self._last_point is None:
+    def _step_direction(self) -> Tensor | None:
+        """GD's next step, the gradient (preconditioned under Adam), outside the
+        tracked subspace: a guard column (a direction the iterate is about to
+        move along, where a rising eigenvector shows first)."""
+        g = self._grad_now
+        if g is None:
             return None
-        s = point - self._last_point[0]
         if self._prev is not None:
             U = self._prev.eigenvectors
-            s = s - U @ (U.T @ s)
-        norm = float(s.norm())
-        return s / norm if norm > 0 else None
+            g = g - U @ (U.T @ g)
+        norm = float(g.norm())
+        return g / norm if norm > 0 else None
 
     def _solve(self, matmat, rec: TrackRecord) -> tuple[EigResult, EigResult | None]:
         """Warm solve within the budget, else (or when lost) a cold one."""
