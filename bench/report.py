@@ -190,7 +190,13 @@ def environment_section(data: dict) -> list[str]:
         parts = [f"torch {threads.get('torch_num_threads')} threads"]
         parts += [
             f"{k}={threads[k]}"
-            for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BENCH_THREADS")
+            for k in (
+                "OMP_NUM_THREADS",
+                "MKL_NUM_THREADS",
+                "BENCH_THREADS",
+                "MALLOC_MMAP_THRESHOLD_",
+                "MALLOC_TRIM_THRESHOLD_",
+            )
             if threads.get(k)
         ]
         rows.append(("threads", "; ".join(parts)))
