@@ -243,7 +243,9 @@ def _next_block(
     return torch.cat([keep, R], dim=1), B
 
 
-def _next_block_lazy(W: Tensor, rank_tol: float) -> tuple[Tensor, Tensor, Tensor]:
+def _next_block_lazy(
+    W: Tensor, rank_tol: float | Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_next_block` without reading anything back to the host.
 
     CholeskyQR2 through the ``b x b`` Gram matrix, and a verdict kept on the
@@ -259,6 +261,7 @@ def _next_block_lazy(W: Tensor, rank_tol: float) -> tuple[Tensor, Tensor, Tensor
         bool on ``W``'s device).
     """
     b = W.shape[1]
+    rank_tol = torch.as_tensor(rank_tol, dtype=W.dtype, device=W.device)
     L1, info1 = torch.linalg.cholesky_ex(W.T @ W)
     U = torch.linalg.solve_triangular(L1, W.T, upper=False).T
     L2, info2 = torch.linalg.cholesky_ex(U.T @ U)
@@ -273,6 +276,9 @@ def _next_block_lazy(W: Tensor, rank_tol: float) -> tuple[Tensor, Tensor, Tensor
         & (d.min() > (1e-7 * d.max()).clamp(min=rank_tol))
         & (E.abs().max() <= 1e-12)
     )
+    # An unsound block is redone after the next test; until then it must not
+    # carry NaN into the operator
+    U = torch.where(ok, U, torch.zeros((), dtype=U.dtype, device=U.device))
     return U, B, ok
 
 
@@ -633,6 +639,17 @@ def solve(
         )
     if min_iterations is None:
         min_iterations = m // b
+    if symmetry_tol is not None:
+        try:
+            ok = math.isfinite(float(symmetry_tol)) and float(symmetry_tol) >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok or isinstance(symmetry_tol, bool):
+            raise ValueError(
+                f"symmetry_tol must be a finite number >= 0 or None; got "
+                f"{symmetry_tol!r}"
+            )
+        symmetry_tol = float(symmetry_tol)
     check_every = 1 if check_every is None else as_int(check_every, "check_every")
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1; got {check_every}")
@@ -713,11 +730,15 @@ def solve(
     saved: tuple | None = None
     pending: Tensor | None = None
     prev_cols = (0, 0)  # Q_prev's columns in Q
+    # ||H|| scale between tests, kept on the device: the largest entry of the
+    # blocks of T so far (Rayleigh-Ritz gives norm_est only at tests)
+    scale = torch.zeros((), dtype=_F64, device=device)
 
     def is_check(hvps: int, cols: int, iterations: int) -> bool:
         """Whether this block ends with Rayleigh-Ritz and a convergence test."""
         return (
-            callback is not None
+            check_every == 1
+            or callback is not None
             or hvps + b > max_hvps
             or cols + b > m
             or (
@@ -742,6 +763,7 @@ def solve(
         W, A = _ops.lanczos_step(W, Q_cur, Q_prev, B_prev)
 
         alphas.append(A)
+        scale = torch.maximum(scale, A.abs().max())
 
         # Between convergence checks the loop runs without reading anything
         # back from the device (no host sync): Rayleigh-Ritz and the test come
@@ -764,8 +786,8 @@ def solve(
             saved = None
         if not check:
             W, _ = _ops.orthogonalize(Q[:, :cols], W, 2)
-            rank_tol = 1e-12 * max(norm_est, 1e-300)
             if lazy:
+                rank_tol = 1e-12 * scale.clamp(min=max(norm_est, 1e-300))
                 if saved is None:
                     saved = (
                         cols,
@@ -778,7 +800,9 @@ def solve(
                 Q_next, B, ok = _next_block_lazy(W, rank_tol)
                 pending = ok if pending is None else pending & ok
             else:
+                rank_tol = 1e-12 * max(norm_est, float(scale), 1e-300)
                 Q_next, B = _next_block(W, Q[:, :cols], rank_tol, generator)
+            scale = torch.maximum(scale, B.abs().max())
             betas.append(B)
             Q_prev, B_prev, prev_cols = Q_cur, B, (cols - b, cols)
             grow(cols + b)

@@ -42,6 +42,16 @@ def _check_basis(name: str, U: Tensor) -> Tensor:
     return U.to(torch.float64)
 
 
+def _check_overlap(M: Tensor | None, P: Tensor, W: Tensor) -> None:
+    if M is not None and (
+        not isinstance(M, Tensor) or tuple(M.shape) != (P.shape[1], W.shape[1])
+    ):
+        raise ValueError(
+            f"M must be prev_vectors^T vectors of shape {[P.shape[1], W.shape[1]]}; "
+            f"got {list(getattr(M, 'shape', [])) or type(M).__name__}"
+        )
+
+
 def principal_angles(U: Tensor, W: Tensor, M: Tensor | None = None) -> Tensor:
     """Principal angles between ``span(U)`` and ``span(W)``, ascending, in radians.
 
@@ -174,6 +184,7 @@ def top1_cosine(
     p = cluster_extent(prev_values, 1, rtol, prev_residuals)
     c = cluster_extent(values, 1, rtol, residuals)
     P, W = _check_basis("prev_vectors", prev_vectors), _check_basis("vectors", vectors)
+    _check_overlap(M, P, W)
     block = P[:, :p].T @ W[:, :c] if M is None else M[:p, :c].to(torch.float64)
     return min(1.0, float(torch.linalg.svdvals(block)[0]))
 
@@ -211,13 +222,14 @@ def match(
     g1 = {j: g for g in (groups or [[j] for j in range(W.shape[1])]) for j in g}
     # Overlaps from one product: |M_ij|, or for clusters the largest singular
     # value of the cluster block (the cosine of the smallest principal angle)
+    _check_overlap(M, P, W)
     M = (P.T @ W if M is None else M.to(torch.float64)).cpu()
     O = torch.empty(r0, r1, dtype=torch.float64)
     for i in range(r0):
         for j in range(r1):
             a, b = g0.get(i, [i]), g1.get(j, [j])
             if len(a) == 1 and len(b) == 1:
-                O[i, j] = abs(float(M[i, j]))
+                O[i, j] = min(1.0, abs(float(M[i, j])))
             else:
                 O[i, j] = min(1.0, float(torch.linalg.svdvals(M[a][:, b])[0]))
     pairs = []

@@ -385,3 +385,33 @@ def test_lazy_blocks_recover_from_a_breakdown(device):
             top.eigenvalues.cpu(), torch.tensor([5.0, 2.0], dtype=torch.float64)
         )
         assert math.isclose(float(bottom.eigenvalues[0]), 1.0, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 5])
+def test_low_rank_hessian_exhausts_the_krylov_space_cleanly(every):
+    # a linear model on 3 examples: H has rank 3 in n = 201 dimensions, so the
+    # Krylov space runs out within the first blocks, before any convergence test
+    # (min_iterations fills the basis first): the blocks after it must be new
+    # random directions, not rounding noise blown up to unit length
+    torch.manual_seed(0)
+    X = torch.randn(3, 200, dtype=torch.float64)
+    y = torch.randn(3, 1, dtype=torch.float64)
+    model = torch.nn.Linear(200, 1).double()
+
+    def loss(out, target):
+        return 0.5 * ((out - target) ** 2).sum(1).mean()
+
+    H = dense_hessian(model, loss, X, y)
+    want = torch.linalg.eigvalsh(H).flip(0)[:2]
+    res = curvx.eigsh(model, loss, (X, y), k=2, check_every=every)
+    assert res.all_converged
+    assert torch.allclose(res.eigenvalues, want, rtol=1e-8)
+    U = res.eigenvectors
+    assert torch.allclose(U.T @ U, torch.eye(2, dtype=torch.float64), atol=1e-10)
+
+
+def test_symmetry_tol_is_checked():
+    A = _sym(torch.linspace(-1, 1, 100, dtype=torch.float64))
+    for bad in (-1.0, float("nan"), "x", True):
+        with pytest.raises(ValueError, match="symmetry_tol"):
+            lanczos(A, k=1, symmetry_tol=bad)

@@ -125,3 +125,13 @@ def test_small_angles_keep_their_digits(angles):
     got = rotation.principal_angles(U, W)
     want = torch.tensor(sorted(angles), dtype=torch.float64)
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-15)
+
+
+def test_overlap_matrix_shape_is_checked_and_overlaps_stay_at_most_one():
+    U, W = _plane_pair([0.0, 0.0], n=20, seed=2)
+    with pytest.raises(ValueError, match="M must be"):
+        rotation.match(U, W, M=torch.zeros(3, 3, dtype=torch.float64))
+    vals = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="M must be"):
+        rotation.top1_cosine(vals, U, vals, W, M=torch.zeros(1, 1))
+    assert all(c <= 1.0 for _, _, c in rotation.match(U, W * (1 + 1e-15)))
