@@ -471,8 +471,8 @@ class Tracker:
         self._anchors_bottom: list[tuple[int, Tensor]] = []
         self._prev_step: int | None = None
         self._grad_now: Tensor | None = None
-        # the last pair of anchors and their motion (see _predict)
-        self._motion: tuple | None = None
+        # per end, the last pair of anchors and their motion (see _predict)
+        self._motion: dict[int, tuple] = {}
 
     def _rebind(self) -> None:
         """Follow a model whose trainable parameters were replaced, (un)frozen or
@@ -546,16 +546,16 @@ class Tracker:
 
         # The motion D = U_a - U_b R and the Gram blocks of [U_a, D], once per
         # pair of anchors (the next steps extrapolate from the same pair)
-        cache = self._motion
+        cache = self._motion.get(id(anchors))  # one per end
         if cache is None or cache[0] is not U_a or cache[1] is not U_b:
             W, S, Vh = torch.linalg.svd(U_b.T @ U_a)
             if float(S.min()) < math.cos(self.extrapolate_max_angle):
-                self._motion = (U_a, U_b, None)
+                self._motion[id(anchors)] = (U_a, U_b, None)
                 return latest
             D = torch.addmm(U_a, U_b, W @ Vh, alpha=-1.0)
             G = torch.cat([U_a, D], dim=1)
             G = G.T @ G
-            self._motion = cache = (U_a, U_b, (D, G))
+            self._motion[id(anchors)] = cache = (U_a, U_b, (D, G))
         if cache[2] is None:
             return latest
         D, G = cache[2]
