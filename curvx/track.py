@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from curvx import rotation
 from curvx._validate import as_bool, as_float, as_int
-from curvx.lanczos import EigResult, default_tol, solve, solves_densely
+from curvx.lanczos import EigResult, _as_run, default_tol, solve, solves_densely
 from curvx.operators import HessianOperator, NonFiniteError, ParametersChangedError
 
 __all__ = ["Tracker", "TrackRecord", "stability_threshold", "track"]
@@ -512,10 +512,7 @@ class Tracker:
         (formed once per result)."""
         cached = getattr(res, "_certified", None)
         if cached is None:
-            idx = self._certified_index(res)
-            r = idx.numel()
-            if bool((idx == torch.arange(r, device=idx.device)).all()):
-                idx = slice(0, r)  # a leading run: views, no copies
+            idx = _as_run(self._certified_index(res))  # a run: views, no copies
             cached = (
                 res.ritz_values[idx],
                 res.ritz_vectors[:, idx],
@@ -574,7 +571,7 @@ class Tracker:
         """Guard columns: the previous neighbours beyond k, the gradient's
         direction outside the tracked subspace, then random ones."""
         parts = [nb for nb in (self._nb_top, self._nb_bottom) if nb is not None]
-        direction = self._step_direction()
+        direction = self._gradient_direction()
         if direction is not None:
             parts.append(direction[:, None])
         parts.append(
@@ -944,7 +941,7 @@ class Tracker:
                 "call tracker.step() without backward=True"
             )
 
-    def _step_direction(self) -> Tensor | None:
+    def _gradient_direction(self) -> Tensor | None:
         """GD's next step, the gradient (preconditioned under Adam), outside the
         tracked subspace: a guard column (a direction the iterate is about to
         move along, where a rising eigenvector shows first)."""
