@@ -426,6 +426,13 @@ class Tracker:
         }
 
     @property
+    def eigenvectors(self) -> Tensor | None:
+        """The last certified evaluation's top-k eigenvectors, ``[n, k]`` float64
+        (descending values, as ``TrackRecord.eigenvalues``); None before the first
+        certified evaluation. Of ``P^-1/2 H P^-1/2`` when tracking Adam."""
+        return None if self._prev is None else self._prev.eigenvectors[:, : self.k]
+
+    @property
     def tol(self) -> float:
         """Relative eigenvalue accuracy (default from the parameters' dtype)."""
         if self._tol is not None:

@@ -323,3 +323,57 @@ def test_fused_step_refuses_train_mode_batchnorm_under_eval_policy():
     torch.nn.functional.mse_loss(model(X), y).backward()
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_target_ends_the_run_on_a_tracked_evaluated_step(tmp_path):
+    out = tmp_path / "target"
+    args = ["train", *SMALL, "--steps", "200", "--lr", "0.05", "--track-every", "7"]
+    args += ["--eval-every", "0", "--target-loss", "0.3", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    records = read_lines(out / "metrics.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    last = records[-1]
+    assert summary["status"] == "completed" and summary["stopped"] == "target"
+    assert summary["target_reached_at_step"] == last["step"] < 200
+    assert last["train_loss"] <= 0.3 < records[-2]["train_loss"]
+    # the final record is tracked and evaluated even off the schedules
+    assert last["step"] % 7 != 0 or last["sharpness"] is not None
+    assert last["sharpness"] is not None and last["test_acc"] is not None
+    assert last["train_acc"] is not None
+
+
+def test_diverge_factor_ends_a_runaway_run(tmp_path):
+    out = tmp_path / "runaway"
+    args = ["train", *SMALL, "--steps", "60", "--lr", "3", "--track-every", "0"]
+    args += ["--diverge-factor", "10", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    records = read_lines(out / "metrics.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert "diverge_factor 10" in summary["diverged_because"]
+    assert records[-1]["status"] == "diverged"
+    assert records[-1]["train_loss"] > 10 * records[0]["train_loss"]
+    assert all(r["train_loss"] <= 10 * records[0]["train_loss"] for r in records[:-1])
+
+
+def test_track_options_reach_the_tracker_and_bad_ones_are_named(tmp_path, capsys):
+    out = tmp_path / "opts"
+    args = ["train", *SMALL, "--steps", "2", "--quiet", "--out", str(out)]
+    args += ["--track-option", "kato_temple=false", "--track-option", "guard_every=1"]
+    assert main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["track_options"] == {
+        "kato_temple": False,
+        "guard_every": 1,
+    }
+    assert config["tracking"]["policy"]["kato_temple"] is False
+    assert config["tracking"]["policy"]["guard_every"] == 1
+    records = read_lines(out / "metrics.jsonl")
+    assert all(c == "residual" for c in records[-1]["certificates"])
+    bad = ["train", *SMALL, "--steps", "1", "--quiet", "--out", str(tmp_path / "b")]
+    assert main([*bad, "--track-option", "no_such_option=1"]) == 2
+    assert "no_such_option" in capsys.readouterr().err
+    assert main([*bad, "--track-option", "k=3"]) == 2
+    assert "track_options may not set ['k']" in capsys.readouterr().err
+    assert main([*bad, "--track-option", "=3"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

@@ -610,3 +610,21 @@ def test_bf16_autocast_products_with_a_float64_solver():
             assert abs(v - w) <= b + 1e-2 * float(ev[0])
     with pytest.raises(ValueError, match="autocast must be None"):
         curvx.track(model, mse_sum, (X, y), autocast=torch.float64)
+
+
+def test_tracker_exposes_the_certified_eigenvectors():
+    X, y = data(50, 5, 2, seed=3)
+    model = mlp([5, 8, 2], seed=1)
+    tracker = curvx.track(model, mse_sum, (X, y), k=2)
+    assert tracker.eigenvectors is None
+    H = dense_hessian(model, mse_sum, X, y)
+    rec = tracker.step(step=0)
+    U = tracker.eigenvectors
+    assert U.shape == (H.shape[0], 2) and U.dtype == torch.float64
+    theta = torch.tensor(rec.eigenvalues, dtype=torch.float64)
+    # the vectors of the record's values, to the record's residuals
+    R = H @ U - U * theta
+    res = torch.tensor(rec.residuals, dtype=torch.float64)
+    assert torch.allclose(R.norm(dim=0), res, atol=1e-9)
+    assert torch.allclose(U.T @ U, torch.eye(2, dtype=torch.float64), atol=1e-12)
+    assert float(R.norm(dim=0).max()) < 1e-6 * float(theta.abs().max())

@@ -1,4 +1,4 @@
-"""The ``curvx`` command line: ``curvx train ...`` and ``curvx plot RUN_DIR``.
+"""The ``curvx`` command line: ``curvx train``, ``plot``, ``reproduce``, ``report``.
 
 Examples::
 
@@ -6,6 +6,9 @@ Examples::
     curvx train --dataset digits --n-train 300 --steps 50 --k 2
     curvx train --optimizer momentum --momentum 0.9 --lr 0.01 --lambda-min
     curvx plot runs/fashion-mnist-fc-tanh-mse-lr0.05-s0
+    curvx reproduce                               # the paper's findings, < 1 h
+    curvx reproduce --quick --out /tmp/rq         # the same pipeline in a minute
+    curvx report runs/reproduce                   # redraw the report
 
 Also runnable as ``python -m curvx.harness.cli ...``.
 
@@ -105,6 +108,20 @@ def _unit_interval(text: str) -> float:
     if not 0 <= val < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return val
+
+
+def _track_option(text: str) -> tuple[str, object]:
+    import json
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        msg = f"expected KEY=VALUE with KEY a curvx.track argument, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    try:
+        val = json.loads(raw)
+    except ValueError:
+        val = raw  # a bare word: a string
+    return key, val
 
 
 def _add_train_parser(sub) -> None:
@@ -232,6 +249,29 @@ def _add_train_parser(sub) -> None:
     g.add_argument(
         "--track-method", default="auto", help="tracker method (curvx.track method=)"
     )
+    g.add_argument(
+        "--track-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_track_option,
+        help="another curvx.track keyword argument, VALUE as JSON (e.g. "
+        "kato_temple=false, guard_every=1); repeatable",
+    )
+    g.add_argument(
+        "--target-loss",
+        type=float,
+        default=None,
+        help="stop once the training loss is at or below this (that step is the "
+        "final, tracked and evaluated record)",
+    )
+    g.add_argument(
+        "--diverge-factor",
+        type=_positive_float,
+        default=None,
+        help="call the run diverged once the training loss exceeds this multiple "
+        "of its step-0 value (default: only a non-finite loss)",
+    )
     g = p.add_argument_group("run")
     g.add_argument(
         "--out",
@@ -266,6 +306,138 @@ def _add_plot_parser(sub) -> None:
     p.set_defaults(func=_cmd_plot)
 
 
+def _add_reproduce_parser(sub) -> None:
+    from curvx.harness.data import DATASETS
+    from curvx.harness.models import MODELS
+    from curvx.harness.reproduce import EXPERIMENTS
+
+    p = sub.add_parser(
+        "reproduce",
+        help="run the paper's experiments and write a report with figures",
+        description="Run the edge-of-stability experiments (1 eos, 2 rotation, 3 "
+        "depth, 4 sweep, 5 optim, 6 uv) on real data, keep every run folder under "
+        "--out and write OUT/report.md with PNG figures. Finished runs are reused: "
+        "run the same command again to resume after an interruption.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (a minute or two on a laptop): checks the pipeline, not "
+        "the science",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default runs/reproduce, or runs/reproduce-quick)",
+    )
+    p.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated experiments to run, of {','.join(EXPERIMENTS)}",
+    )
+    p.add_argument(
+        "--redo", action="store_true", help="run finished runs again instead of reusing"
+    )
+    p.add_argument(
+        "--report-dir",
+        default=None,
+        help="where report.md and figures/ go (default: --out)",
+    )
+    g = p.add_argument_group(
+        "change the setting",
+        "--dataset, --data-dir and --n-train apply to experiments 1-5 (the depth "
+        "experiment keeps its deep linear networks); --model and --width to 1, 2, "
+        "4 and 5. Learning rates follow the new model's initial sharpness.",
+    )
+    g.add_argument("--dataset", choices=DATASETS, default=None)
+    g.add_argument("--data-dir", default=None)
+    g.add_argument("--model", choices=MODELS, default=None)
+    g.add_argument("--width", type=_int_at_least(1), default=None)
+    g.add_argument(
+        "--n-train",
+        type=_int_at_least(1),
+        default=None,
+        help="training examples of every experiment (default: 5000 for 1, 2 and "
+        "5; 2000 for 3 and 4)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_reproduce)
+
+
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="(re)write the report of a curvx reproduce folder",
+        description="Write OUT/report.md and OUT/figures/ from the run folders of "
+        "a (possibly partial) `curvx reproduce` output folder.",
+    )
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--report-dir", default=None)
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_reproduce(args: argparse.Namespace, argv: list[str]) -> int:
+    import dataclasses
+
+    from curvx.harness.data import DatasetError
+    from curvx.harness.reproduce import SIZES, ReproduceError, reproduce
+    from curvx.harness.train import ConfigError
+
+    size = SIZES["quick" if args.quick else "full"]
+    changes = {
+        key: getattr(args, key)
+        for key in ("dataset", "data_dir", "model", "width", "n_train")
+        if getattr(args, key) is not None
+    }
+    if "n_train" in changes:
+        changes["sweep_n_train"] = changes["depth_n_train"] = changes["n_train"]
+    size = dataclasses.replace(size, **changes)
+    out = args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce")
+    only = None
+    if args.only is not None:
+        only = [e.strip() for e in args.only.split(",") if e.strip()]
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(f"curvx reproduce: {line}", file=sys.stderr, flush=True)
+
+    try:
+        with _sigterm_interrupts():
+            path = reproduce(
+                out,
+                size=size,
+                only=only,
+                redo=args.redo,
+                progress=not args.quiet,
+                report_dir=args.report_dir,
+                command=["curvx", *argv],
+                log=say,
+            )
+    except (ReproduceError, ConfigError, DatasetError) as exc:
+        return _error("reproduce", str(exc))
+    except KeyboardInterrupt as exc:
+        print(
+            f"curvx reproduce: interrupted; finished runs are kept in {out} (run "
+            "the same command to resume)",
+            file=sys.stderr,
+        )
+        return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
+    print(path)
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
+    from curvx.harness.report import write_report
+
+    try:
+        path = write_report(args.out, report_dir=args.report_dir)
+    except (OSError, ValueError) as exc:
+        return _error("report", str(exc))
+    print(path)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``curvx`` argument parser (one subparser per command)."""
     parser = argparse.ArgumentParser(
@@ -282,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train_parser(sub)
     _add_plot_parser(sub)
+    _add_reproduce_parser(sub)
+    _add_report_parser(sub)
     return parser
 
 
@@ -334,6 +508,9 @@ def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         plots=not args.no_plots,
         progress=not args.quiet,
         overwrite=args.overwrite,
+        target_loss=args.target_loss,
+        diverge_factor=args.diverge_factor,
+        track_options=dict(args.track_option) or None,
     )
     try:
         with _sigterm_interrupts():

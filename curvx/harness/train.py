@@ -28,7 +28,10 @@ Order of work at step ``t`` (parameters theta_t, for ``t = 0 .. steps``):
 6. ``optimizer.step()`` (theta_t -> theta_{t+1}), except after the final record.
 
 So ``steps`` optimizer updates produce ``steps + 1`` records, the last one at the
-final parameters.
+final parameters. With ``target_loss`` the first step whose loss is at or below it
+is the final record (tracked and evaluated, no update after it); with
+``diverge_factor`` a loss above that multiple of the step-0 loss ends the run as
+diverged, like a non-finite one.
 """
 
 from __future__ import annotations
@@ -136,6 +139,14 @@ class TrainConfig:
         plots: Write PNG plots at the end.
         progress: Show a tqdm progress bar on stderr.
         overwrite: Replace the files of an existing run in ``out``.
+        target_loss: Stop once the training loss is at or below this value (that
+            step becomes the final record: tracked and evaluated); ``None``: run
+            all ``steps``. ``summary["stopped"]`` says ``"target"`` then.
+        diverge_factor: Call the run diverged (and stop) once the training loss
+            exceeds this multiple of the loss at step 0; ``None``: only a
+            non-finite loss or gradient counts as divergence.
+        track_options: Further keyword arguments for :func:`curvx.track` (for
+            example ``{"kato_temple": False}``); the tracker validates them.
     """
 
     lr: float
@@ -169,6 +180,9 @@ class TrainConfig:
     plots: bool = True
     progress: bool = True
     overwrite: bool = False
+    target_loss: float | None = None
+    diverge_factor: float | None = None
+    track_options: dict | None = None
 
     def validate(self) -> None:
         """Checks ranges and choices.
@@ -221,6 +235,36 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {val}")
         if self.tol is not None and not self.tol > 0:
             raise ConfigError(f"tol must be > 0, got {self.tol}")
+        if self.target_loss is not None and not (
+            math.isfinite(self.target_loss) and self.target_loss >= 0
+        ):
+            raise ConfigError(
+                f"target_loss must be a finite number >= 0 (mse and ce are never "
+                f"negative), got {self.target_loss}"
+            )
+        if self.track_options and self.track_every == 0:
+            raise ConfigError(
+                f"track_options {sorted(self.track_options)} given but tracking is "
+                "off (track_every=0)"
+            )
+        if self.diverge_factor is not None and not (
+            math.isfinite(self.diverge_factor) and self.diverge_factor > 1
+        ):
+            raise ConfigError(
+                f"diverge_factor must be a finite number > 1, got {self.diverge_factor}"
+            )
+        if self.track_options is not None and not isinstance(self.track_options, dict):
+            raise ConfigError(
+                "track_options must be a dict of curvx.track keyword arguments, "
+                f"got {type(self.track_options).__name__}"
+            )
+        reserved = {"model", "loss_fn", "data", "k", "lambda_min", "chunk_size"}
+        reserved |= {"tol", "seed", "method", "mode", "optimizer"}
+        clash = sorted(reserved & set(self.track_options or {}))
+        if clash:
+            raise ConfigError(
+                f"track_options may not set {clash}: they have their own settings"
+            )
 
 
 def default_out_dir(
@@ -545,8 +589,9 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
                 method=cfg.track_method,
                 mode="eval",
                 optimizer=optimizer,
+                **(cfg.track_options or {}),
             )
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ConfigError(f"tracker settings rejected: {exc}") from exc
 
     if command is None:
@@ -608,7 +653,10 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
         "step_order": "at theta_t: full-batch loss+grad (on tracked steps, t % every "
         "== 0 or final, from the fused tracker.step(backward=True) unless "
         "--unfused, then tracker.step after it); test eval (t % eval_every == 0 or "
-        "final); write record; optimizer.step(). steps updates -> steps+1 records",
+        "final); write record; optimizer.step(). steps updates -> steps+1 records; "
+        "with target_loss, the first step at or below it is the final record "
+        "(tracked, evaluated); with diverge_factor, a loss above that multiple of "
+        "the step-0 loss ends the run as diverged",
         "metrics_keys": list(_metrics.RECORD_KEYS),
         "metrics_notes": "keys are always present; null when not computed at that "
         "step (test_* off eval steps, tracker keys off tracked steps) or when the "
@@ -640,13 +688,13 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
         )
         model.train()
         loop0 = time.perf_counter()
+        loss0 = None
         for t in pbar:
             final = t == cfg.steps
             record = dict.fromkeys(record_keys)
             record.update(step=t, lr=cfg.lr, status="ok")
 
             tracked = tracker is not None and (t % cfg.track_every == 0 or final)
-            evaluating = final or (cfg.eval_every > 0 and t % cfg.eval_every == 0)
             rec = None
             _sync(device)
             t0 = time.perf_counter()
@@ -669,8 +717,6 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
             )
             if have_grad:
                 loss, acc = rec.loss, None
-                if evaluating:
-                    acc = evaluate(model, loss_fn, train_chunks)[1]
             else:
                 loss, acc = full_batch_loss_and_grad(model, loss_fn, train_chunks)
             grad_norm = _grad_norm(model)
@@ -683,19 +729,36 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
             )
             if rec is not None:
                 record.update(_track_fields(rec.as_dict()))
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            if loss0 is None:
+                loss0 = loss
+            runaway = (
+                cfg.diverge_factor is not None
+                and math.isfinite(loss)
+                and loss > cfg.diverge_factor * abs(loss0)
+            )
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)) or runaway:
                 record["status"] = "diverged"
                 record["elapsed_seconds"] = time.perf_counter() - loop0
                 writer.write(record)
                 records.append(record)
                 status = "diverged"
                 extra["diverged_at_step"] = t
+                if runaway:
+                    extra["diverged_because"] = (
+                        f"train loss {loss:.6g} > diverge_factor "
+                        f"{cfg.diverge_factor:g} x step-0 loss {loss0:.6g}"
+                    )
                 logger.info(
                     "diverged at step %d (loss %r, grad norm %r)", t, loss, grad_norm
                 )
                 break
 
-            if tracked and not cfg.fused:
+            # The loss target makes this the final record: tracked and evaluated
+            at_target = cfg.target_loss is not None and loss <= cfg.target_loss
+            last = final or at_target
+            evaluating = last or (cfg.eval_every > 0 and t % cfg.eval_every == 0)
+            late = last and not tracked  # the loss target ended the run here
+            if tracker is not None and ((tracked and not cfg.fused) or late):
                 try:
                     rec = tracker.step(step=t, lr=cfg.lr)
                     record.update(_track_fields(rec.as_dict()))
@@ -705,9 +768,9 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
                     logger.warning(
                         "tracking failed at step %d: %r", t, exc, exc_info=True
                     )
-            if test_chunks and (
-                final or (cfg.eval_every > 0 and t % cfg.eval_every == 0)
-            ):
+            if evaluating and record["train_acc"] is None:
+                record["train_acc"] = evaluate(model, loss_fn, train_chunks)[1]
+            if test_chunks and evaluating:
                 record["test_loss"], record["test_acc"] = evaluate(
                     model, loss_fn, test_chunks
                 )
@@ -721,6 +784,11 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
             postfix[threshold_rule] = f"{threshold:.4g}"
             pbar.set_postfix(postfix, refresh=False)
 
+            if at_target:
+                extra["stopped"] = "target"
+                extra["target_reached_at_step"] = t
+                status = "completed"
+                break
             if not final:
                 optimizer.step()
         else:
