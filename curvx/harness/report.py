@@ -411,7 +411,7 @@ def _section_depth(out: Path, plan: dict, figures: Path) -> str:
             for r in run.records
             if r.get("residuals") and an.finite(r.get("sharpness"))
         ]
-        angles = ys_ang = an.series(run.records, "max_principal_angle")[1]
+        angles = an.series(run.records, "max_principal_angle")[1]
         tol = run.settings.get("tol")
         diverged = run.summary.get("diverged_at_step")
         rows.append(
@@ -422,8 +422,8 @@ def _section_depth(out: Path, plan: dict, figures: Path) -> str:
                 _f(run.lr),
                 run.status + (f" at step {diverged}" if diverged is not None else ""),
                 str(len(angles)),
-                _f(max(ys_ang)) if angles else "n/a",
-                _f(statistics.median(ys_ang)) if angles else "n/a",
+                _f(max(angles)) if angles else "n/a",
+                _f(statistics.median(angles)) if angles else "n/a",
                 _f(max(rel)) if rel else "n/a",
                 _f(tol),
                 ("yes" if max(angles) <= tol else "no") if angles and tol else "n/a",

@@ -204,33 +204,12 @@ def _probe(cfg: TrainConfig) -> tuple[float, dict]:
     """Builds the run's initial model and data as :func:`run_training` does and
     measures its sharpness with a certified one-off solve."""
     import curvx
-    from curvx.harness.data import load_dataset
     from curvx.harness.losses import get_loss
-    from curvx.harness.models import build_model, needs_images
-    from curvx.harness.train import make_chunks, resolve_device
+    from curvx.harness.train import build_run, make_chunks, resolve_device
 
     device = resolve_device(cfg.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
-    data = load_dataset(
-        cfg.dataset,
-        n_train=cfg.n_train,
-        n_test=0,
-        data_dir=cfg.data_dir,
-        flatten=not needs_images(cfg.model),
-        device=device,
-        dtype=dtype,
-    )
-    model = build_model(
-        cfg.model,
-        data.image_shape,
-        data.n_classes,
-        depth=cfg.depth,
-        width=cfg.width,
-        bias=cfg.bias,
-        seed=cfg.seed,
-        device=device,
-        dtype=dtype,
-    )
+    data, model = build_run(cfg, device, dtype, n_test=0)
     chunks = make_chunks(data.train, cfg.loss, cfg.chunk_size)
     t0 = time.perf_counter()
     res = curvx.eigsh(

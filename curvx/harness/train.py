@@ -69,6 +69,7 @@ __all__ = [
     "RUN_FILES",
     "ConfigError",
     "TrainConfig",
+    "build_run",
     "default_out_dir",
     "evaluate",
     "full_batch_loss_and_grad",
@@ -518,6 +519,54 @@ def _track_fields(d: dict) -> dict:
     return out
 
 
+def _architecture(cfg: TrainConfig) -> tuple[int, int, bool]:
+    """``(depth, width, bias)`` of ``cfg``'s model, defaults filled in."""
+    depth = DEFAULT_DEPTH[cfg.model] if cfg.depth is None else cfg.depth
+    width = DEFAULT_WIDTH[cfg.model] if cfg.width is None else cfg.width
+    bias = (cfg.model != "deep-linear") if cfg.bias is None else cfg.bias
+    return depth, width, bias
+
+
+def build_run(
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    n_test: int | None = None,
+) -> tuple[DataBundle, nn.Module]:
+    """The data and the seeded initial model of the run ``cfg`` describes.
+
+    Args:
+        cfg: The settings.
+        device, dtype: Where and in what precision (resolved from ``cfg``).
+        n_test: Test examples to load; ``None``: ``cfg.n_test``.
+
+    Returns:
+        ``(data, model)``, the model in train mode.
+    """
+    data = load_dataset(
+        cfg.dataset,
+        n_train=cfg.n_train,
+        n_test=cfg.n_test if n_test is None else n_test,
+        data_dir=cfg.data_dir,
+        flatten=not needs_images(cfg.model),
+        device=device,
+        dtype=dtype,
+    )
+    depth, width, bias = _architecture(cfg)
+    model = build_model(
+        cfg.model,
+        data.image_shape,
+        data.n_classes,
+        depth=depth,
+        width=width,
+        bias=bias,
+        seed=cfg.seed,
+        device=device,
+        dtype=dtype,
+    )
+    return data, model
+
+
 def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
     """Runs one training job and writes its run folder.
 
@@ -543,29 +592,8 @@ def run_training(cfg: TrainConfig, *, command: list[str] | None = None) -> dict:
     out = Path(cfg.out)
     _prepare_out_dir(out, cfg.overwrite, check_only=True)  # fail before the work
 
-    data: DataBundle = load_dataset(
-        cfg.dataset,
-        n_train=cfg.n_train,
-        n_test=cfg.n_test,
-        data_dir=cfg.data_dir,
-        flatten=not needs_images(cfg.model),
-        device=device,
-        dtype=dtype,
-    )
-    depth = DEFAULT_DEPTH[cfg.model] if cfg.depth is None else cfg.depth
-    width = DEFAULT_WIDTH[cfg.model] if cfg.width is None else cfg.width
-    bias = (cfg.model != "deep-linear") if cfg.bias is None else cfg.bias
-    model = build_model(
-        cfg.model,
-        data.image_shape,
-        data.n_classes,
-        depth=depth,
-        width=width,
-        bias=bias,
-        seed=cfg.seed,
-        device=device,
-        dtype=dtype,
-    )
+    data, model = build_run(cfg, device, dtype)
+    depth, width, bias = _architecture(cfg)
     loss_fn = get_loss(cfg.loss)
     train_chunks = make_chunks(data.train, cfg.loss, cfg.chunk_size)
     test_chunks = make_chunks(data.test, cfg.loss, cfg.chunk_size)
